@@ -1,0 +1,132 @@
+"""`cmrvl analyze` (the whole pipeline on the embedded local stack) and `cmrvl submit` (a RIS client)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    analyze = subparsers.add_parser("analyze", help="analyze a DICOM study end to end on the embedded local stack")
+    analyze.add_argument("dicom_dir", type=Path)
+    analyze.add_argument("--out", type=Path, required=True)
+    analyze.add_argument("--height-cm", type=float)
+    analyze.add_argument("--weight-kg", type=float)
+    analyze.add_argument("--keep-stack", action="store_true", help="leave the stack running afterwards")
+    analyze.set_defaults(handler=_analyze)
+
+    submit = subparsers.add_parser("submit", help="submit a DICOM folder to a gateway, like a RIS")
+    submit.add_argument("dicom_dir", type=Path)
+    submit.add_argument("--target", required=True, help="gateway HOST:PORT")
+    submit.add_argument("--token", default=os.environ.get("CMRVL_TOKEN", ""), help="bearer token (default $CMRVL_TOKEN)")
+    submit.add_argument("--request-id", help="client request id (idempotency key); default: new")
+    submit.add_argument("--wait", action="store_true", help="watch progress and fetch the report")
+    submit.add_argument("--out", type=Path, help="where --wait writes report.json and report.txt")
+    submit.set_defaults(handler=_submit)
+
+
+def _progress(events, stream=sys.stderr):
+    """Print a one-line progress bar per event; returns the last event."""
+    last = None
+    for event in events:
+        bar = "#" * int(event.percent / 5)
+        stream.write(f"\r[{bar:<20}] {event.percent:5.1f}%  {event.message[:70]:<70}")
+        stream.flush()
+        last = event
+    stream.write("\n")
+    return last
+
+
+def _write_report(report, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(report.report_json)
+    (out / "report.txt").write_text(report.report_text)
+
+
+def _summary(report_json: str) -> str:
+    report = json.loads(report_json)
+    m = report["measurements"]
+    parts = [f"status {report['status']}"]
+    for key, label in (("lv_edv_ml", "LV EDV"), ("lv_esv_ml", "LV ESV"), ("lv_ef_pct", "LV EF"), ("lv_mass_g", "LV mass")):
+        if m.get(key) is not None:
+            parts.append(f"{label} {m[key]:.1f}")
+    parts.append(f"{len(report['findings'])} findings")
+    return ", ".join(parts)
+
+
+def _fetch_report(client, study_id: str):
+    import grpc
+
+    from services.cli import CommandError
+
+    try:
+        return client.get_report(study_id)
+    except grpc.RpcError as exc:
+        raise CommandError(f"no report: {exc.details()}") from None
+
+
+def _submit(args) -> int:
+    import grpc
+
+    from services.cli import CommandError
+    from services.gateway.client import StudyClient
+
+    client = StudyClient(args.target, args.token)
+    try:
+        study = client.submit_folder(args.dicom_dir, args.request_id)
+        print(f"study {study.study_id} submitted ({study.study_instance_uid})")
+        if args.wait:
+            _progress(client.watch(study.study_id))
+            report = _fetch_report(client, study.study_id)
+            if args.out:
+                _write_report(report, args.out)
+            print(_summary(report.report_json))
+    except grpc.RpcError as exc:
+        raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+    finally:
+        client.close()
+    return 0
+
+
+def _analyze(args) -> int:
+    import grpc
+
+    from services.cli import CommandError
+    from services.gateway.client import StudyClient
+    from services.runtime.settings import Settings
+    from services.runtime.stack import Stack, free_base_port
+    from services.runtime.storage import ObjectStore
+
+    if not args.dicom_dir.is_dir():
+        raise CommandError(f"{args.dicom_dir} is not a folder")
+    stack_dir = Path(tempfile.mkdtemp(prefix="cmrvl-analyze-"))
+    stack = Stack(stack_dir)
+    print(f"starting the local stack in {stack_dir} ...", file=sys.stderr)
+    info = stack.up(base_port=free_base_port())
+    try:
+        client = StudyClient(info.target("gateway"), info.ris_token)
+        try:
+            study = client.submit_folder(
+                args.dicom_dir, height_m=args.height_cm / 100 if args.height_cm else None, weight_kg=args.weight_kg)
+            last = _progress(client.watch(study.study_id))
+            report = _fetch_report(client, study.study_id)
+        except grpc.RpcError as exc:
+            raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+        finally:
+            client.close()
+        _write_report(report, args.out)
+        store = ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
+                                     s3_secret_key=info.secret_key))
+        for name, ref in (("sr.dcm", report.sr), ("seg.dcm", report.seg)):
+            if ref.key:
+                store.get_file(ref.bucket, ref.key, args.out / name)
+        print(f"{_summary(report.report_json)}; written to {args.out}")
+        if last is not None and "failed" in last.message:
+            return 1
+    finally:
+        if not args.keep_stack:
+            stack.down()
+    return 0

@@ -1,0 +1,52 @@
+"""A RIS-side client of StudyService, used by `cmrvl submit`, `cmrvl analyze` and the tests."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from cmrvl.v1 import study_pb2, study_pb2_grpc
+from services.runtime.clients import open_channel
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def upload_messages(folder: Path, client_request_id: str, height_m=None, weight_kg=None,
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[study_pb2.SubmitStudyRequest]:
+    header = study_pb2.SubmitHeader(client_request_id=client_request_id)
+    if height_m is not None:
+        header.height_m = height_m
+    if weight_kg is not None:
+        header.weight_kg = weight_kg
+    yield study_pb2.SubmitStudyRequest(header=header)
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                yield study_pb2.SubmitStudyRequest(chunk=study_pb2.FileChunk(path=relative, data=chunk))
+
+
+class StudyClient:
+    def __init__(self, target: str, token: str, tls_root: bytes | None = None):
+        self.channel = open_channel(target, tls_root=tls_root)
+        self.stub = study_pb2_grpc.StudyServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def submit_folder(self, folder: Path, client_request_id: str | None = None, height_m=None, weight_kg=None,
+                      timeout_s: float = 600) -> study_pb2.Study:
+        messages = upload_messages(Path(folder), client_request_id or uuid.uuid4().hex, height_m, weight_kg)
+        return self.stub.SubmitStudy(messages, timeout=timeout_s, metadata=self.metadata)
+
+    def watch(self, study_id: str, timeout_s: float = 3600) -> Iterator[study_pb2.StudyEvent]:
+        return self.stub.WatchStudy(study_pb2.WatchStudyRequest(study_id=study_id), timeout=timeout_s,
+                                    metadata=self.metadata)
+
+    def get_study(self, study_id: str) -> study_pb2.Study:
+        return self.stub.GetStudy(study_pb2.GetStudyRequest(study_id=study_id), timeout=30, metadata=self.metadata)
+
+    def get_report(self, study_id: str) -> study_pb2.Report:
+        return self.stub.GetReport(study_pb2.GetReportRequest(study_id=study_id), timeout=60, metadata=self.metadata)

@@ -1,0 +1,94 @@
+"""The durable study record: one JSON object a study, `cmrvl-studies/<study_id>/study.json`.
+
+Only the workflow thread that owns a study writes its record; a cancel request is a separate
+marker object (`<study_id>/cancel`) that the workflow reads between stages, so the two never race."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from services.runtime.storage import ObjectNotFound, ObjectStore
+
+# Stage names in workflow order, and the overall progress once each is done.
+STAGES = ("preprocess", "segmentation", "findings", "report")
+PROGRESS_AFTER = {"received": 5.0, "preprocess": 25.0, "segmentation": 60.0, "findings": 85.0, "report": 100.0}
+TERMINAL = frozenset({"completed", "partial", "failed", "cancelled"})
+_NAMESPACE = uuid.UUID("6f1d7a52-4c1e-4c55-9d2b-1c7e0b9a4e21")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def study_id_for(study_instance_uid: str, client_request_id: str) -> str:
+    """Deterministic id: the same study + client request id is the same submission."""
+    if not client_request_id:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_NAMESPACE, f"{study_instance_uid}\n{client_request_id}").hex
+
+
+def new_record(study_id: str, study_instance_uid: str, client_request_id: str, dicom_prefix: dict,
+               height_m: float | None, weight_kg: float | None) -> dict:
+    created = now()
+    return {
+        "schema": "cmrvl.study/v1",
+        "study_id": study_id,
+        "study_instance_uid": study_instance_uid,
+        "client_request_id": client_request_id,
+        "dicom_prefix": dicom_prefix,
+        "height_m": height_m,
+        "weight_kg": weight_kg,
+        "status": "queued",
+        "current_stage": "received",
+        "error": "",
+        "stages": {name: {"state": "pending", "attempts": 0, "seconds": 0.0, "error": "", "outputs": {}}
+                   for name in STAGES},
+        "events": [{"sequence": 0, "stage": "received", "status": "queued",
+                    "percent": PROGRESS_AFTER["received"], "message": "study received", "time": created}],
+        "created_at": created,
+        "updated_at": created,
+    }
+
+
+class RecordStore:
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.bucket = store.bucket("studies")
+
+    @staticmethod
+    def key(study_id: str) -> str:
+        return f"{study_id}/study.json"
+
+    def get(self, study_id: str) -> dict | None:
+        try:
+            return self.store.get_json(self.bucket, self.key(study_id))
+        except ObjectNotFound:
+            return None
+
+    def put(self, record: dict) -> None:
+        record["updated_at"] = now()
+        self.store.put_json(self.bucket, self.key(record["study_id"]), record)
+
+    def add_event(self, record: dict, stage: str, message: str, percent: float | None = None) -> None:
+        events = record["events"]
+        events.append({
+            "sequence": len(events), "stage": stage, "status": record["status"],
+            "percent": PROGRESS_AFTER.get(stage, events[-1]["percent"]) if percent is None else percent,
+            "message": message, "time": now(),
+        })
+        self.put(record)
+
+    def all(self) -> list[dict]:
+        records = []
+        for prefix in self.store.list_keys(self.bucket, "", recursive=False):
+            record = self.get(prefix.rstrip("/"))
+            if record is not None:
+                records.append(record)
+        return records
+
+    def request_cancel(self, study_id: str) -> None:
+        self.store.put_bytes(self.bucket, f"{study_id}/cancel", b"cancel requested " + now().encode())
+
+    def cancel_requested(self, study_id: str) -> bool:
+        return self.store.exists(self.bucket, f"{study_id}/cancel")

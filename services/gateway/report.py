@@ -1,0 +1,131 @@
+"""The report a RIS receives: JSON (schema `cmrvl.report/v1`), a readable draft, DICOM SR + SEG.
+
+Report JSON:
+    schema          "cmrvl.report/v1"
+    status          "completed" | "partial"
+    study           study_id, study_instance_uid, accession_number, study_date, patient_id, client_request_id
+    measurements    the keys `cmrvl measure` prints (lv_edv_ml ... rv_ef_pct, indexed *_m2, bsa_m2, ed/es phase)
+    measurement_details  per key: value, unit, normal range (low, high, source), "low"/"normal"/"high"
+    findings        one entry per catalog task: task id, answer, parsed finding, model
+    models          {"segmentation": {name, version, backend} | null, "vlm": {...} | null}
+    quality         flags (segmentation quality, skipped stages with reasons)
+    timings_s       seconds per stage
+    series          the series preprocessing found (uid, kind, slices, phases)
+"""
+
+from __future__ import annotations
+
+from services.gateway.records import STAGES, now
+from services.runtime.storage import ObjectStore
+
+SCHEMA = "cmrvl.report/v1"
+UNITS = {"_ml_m2": "ml/m2", "_g_m2": "g/m2", "_ml": "ml", "_g": "g", "_pct": "%", "_m2": "m2"}
+LABELS = {
+    "lv_edv_ml": "LV end-diastolic volume", "lv_esv_ml": "LV end-systolic volume",
+    "lv_sv_ml": "LV stroke volume", "lv_ef_pct": "LV ejection fraction", "lv_mass_g": "LV mass",
+    "lv_edvi_ml_m2": "LV EDV index", "lv_esvi_ml_m2": "LV ESV index", "lv_svi_ml_m2": "LV SV index",
+    "lv_massi_g_m2": "LV mass index", "rv_edv_ml": "RV end-diastolic volume",
+    "rv_esv_ml": "RV end-systolic volume", "rv_sv_ml": "RV stroke volume", "rv_ef_pct": "RV ejection fraction",
+    "rv_edvi_ml_m2": "RV EDV index", "rv_esvi_ml_m2": "RV ESV index", "rv_svi_ml_m2": "RV SV index",
+}
+
+
+def unit_of(key: str) -> str:
+    return next((unit for suffix, unit in UNITS.items() if key.endswith(suffix)), "")
+
+
+def measurement_details(measurements: dict, sex: str | None) -> dict:
+    from services.segmentation.function import classify, normal_range
+
+    details = {}
+    for key in LABELS:
+        if key not in measurements:
+            continue
+        value = measurements[key]
+        details[key] = {"label": LABELS[key], "value": value, "unit": unit_of(key),
+                        "normal_range": normal_range(key, sex), "assessment": classify(key, value, sex)}
+    return details
+
+
+def render_text(report: dict) -> str:
+    study = report["study"]
+    lines = [
+        "CARDIAC MRI - DRAFT REPORT (machine generated, for radiologist review)",
+        f"Study: {study.get('study_instance_uid', '')}   Date: {study.get('study_date') or '-'}   "
+        f"Accession: {study.get('accession_number') or '-'}",
+        f"Status: {report['status']}",
+        "",
+        "MEASUREMENTS",
+    ]
+    details = report["measurement_details"]
+    if not details or all(d["value"] is None for d in details.values()):
+        lines.append("  not available (no segmentation)")
+    for d in details.values():
+        if d["value"] is None:
+            continue
+        rng = d["normal_range"]
+        normal = f"  normal {rng['low']}-{rng['high']}" if rng else ""
+        flag = f"  [{d['assessment']}]" if d["assessment"] not in (None, "normal") else ""
+        lines.append(f"  {d['label']:<28} {d['value']:>8.1f} {d['unit']:<6}{normal}{flag}")
+    lines += ["", "FINDINGS"]
+    if not report["findings"]:
+        lines.append("  not available (no vision-language findings)")
+    for finding in report["findings"]:
+        lines.append(f"  {finding.get('title', finding.get('task_id'))}: {finding.get('summary', finding.get('answer', ''))}")
+    if report["quality"]:
+        lines += ["", "QUALITY"] + [f"  - {q['code']}: {q['message']}" for q in report["quality"]]
+    models = report["models"]
+    lines += ["", "Models: " + ", ".join(f"{k} {v['name']} {v['version']}" for k, v in models.items() if v) or "none"]
+    return "\n".join(lines) + "\n"
+
+
+class ReportBuilder:
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def _json(self, ref: dict | None):
+        return self.store.get_json(ref["bucket"], ref["key"]) if ref else None
+
+    def build(self, record: dict) -> dict:
+        stages = record["stages"]
+        manifest = self._json(stages["preprocess"]["outputs"].get("manifest")) or {}
+        measurements = self._json(stages["segmentation"]["outputs"].get("measurements")) or {}
+        findings_doc = self._json(stages["findings"]["outputs"].get("findings")) or {}
+        study_block = manifest.get("study", {})
+        quality = [dict(q, source="segmentation") for q in measurements.get("quality", [])]
+        for name in STAGES:
+            if stages[name]["state"] in ("skipped", "failed"):
+                quality.append({"code": f"{name}_not_run", "message": stages[name]["error"], "source": "workflow"})
+        seg_model = measurements.get("model") or stages["segmentation"]["outputs"].get("model")
+        return {
+            "schema": SCHEMA,
+            "generated_at": now(),
+            "status": "partial" if any(stages[s]["state"] in ("skipped", "failed") for s in STAGES[:-1]) else "completed",
+            "study": {
+                "study_id": record["study_id"],
+                "study_instance_uid": record.get("study_instance_uid") or manifest.get("study_instance_uid", ""),
+                "client_request_id": record.get("client_request_id", ""),
+                "accession_number": study_block.get("accession_number"),
+                "study_date": study_block.get("study_date"),
+                "patient_id": study_block.get("patient_id"),
+            },
+            "measurements": {k: v for k, v in measurements.items()
+                             if k not in ("quality", "model", "lv_volume_curve_ml", "rv_volume_curve_ml")},
+            "measurement_details": measurement_details(measurements, study_block.get("patient_sex")),
+            "findings": findings_doc.get("findings", []),
+            "models": {"segmentation": seg_model, "vlm": findings_doc.get("model")},
+            "quality": quality,
+            "timings_s": {name: stages[name]["seconds"] for name in STAGES},
+            "series": [{k: s.get(k) for k in ("series_instance_uid", "kind", "n_slices", "n_phases")}
+                       for s in manifest.get("series", [])],
+        }
+
+    def __call__(self, record: dict) -> dict:
+        """The workflow's report stage: write every report object; returns their refs."""
+        report = self.build(record)
+        bucket, prefix = self.store.bucket("reports"), f"{record['study_id']}/"
+        outputs = {
+            "json": self.store.put_json(bucket, prefix + "report.json", report),
+            "text": self.store.put_bytes(bucket, prefix + "report.txt", render_text(report).encode(), "text/plain"),
+        }
+        return {name: vars(ref) for name, ref in outputs.items()}

@@ -1,0 +1,29 @@
+"""Gateway process: StudyService + the workflow that drives the stages."""
+
+from __future__ import annotations
+
+from cmrvl.v1 import study_pb2, study_pb2_grpc
+from services.gateway.records import RecordStore
+from services.gateway.report import ReportBuilder
+from services.gateway.servicer import StudyServicer
+from services.gateway.workflow import Workflow
+from services.runtime.server import ServiceSpec
+from services.runtime.settings import SettingsError, Settings
+from services.runtime.storage import ObjectStore
+
+
+def service_spec(settings: Settings) -> ServiceSpec:
+    if not settings.accepted_tokens and not settings.tls_client_ca_file:
+        raise SettingsError("the gateway needs CMRVL_AUTH_TOKENS (bearer tokens) or CMRVL_TLS_CLIENT_CA_FILE (mTLS)")
+    store = ObjectStore(settings)
+    store.ensure_buckets()
+    records = RecordStore(store)
+    workflow = Workflow(settings, records, ReportBuilder(store))
+    servicer = StudyServicer(settings, store, records, workflow)
+    return ServiceSpec(
+        names=[study_pb2.DESCRIPTOR.services_by_name["StudyService"].full_name],
+        register=lambda server: study_pb2_grpc.add_StudyServiceServicer_to_server(servicer, server),
+        tokens=settings.accepted_tokens,
+        on_start=workflow.resume_unfinished,
+        on_stop=workflow.stop,
+    )

@@ -1,0 +1,86 @@
+"""Typed configuration from `CMRVL_*` environment variables, shared by every service and the CLI.
+
+A bad value fails at start-up with one message naming the variable, never later in a request."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Raised with a readable list of the offending CMRVL_* variables."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CMRVL_", extra="ignore", frozen=True)
+
+    # gRPC server
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_workers: int = Field(16, ge=1, le=1024)
+    max_message_mb: int = Field(64, ge=1, le=2047)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    metrics_port: int = Field(9090, ge=0, le=65535)  # 0 disables the Prometheus endpoint
+    log_level: str = "INFO"
+
+    # Auth. Gateway: bearer tokens the RIS may present (comma-separated). Stages: the one token
+    # the gateway presents. Empty `internal_token` disables auth on a stage (local stack only).
+    auth_tokens: str = ""
+    internal_token: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # set to require client certificates (mTLS)
+
+    # Object store
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    bucket_prefix: str = "cmrvl-"
+
+    # Gateway -> stages
+    preprocess_target: str = "127.0.0.1:50052"
+    segmentation_target: str = "127.0.0.1:50053"
+    findings_target: str = "127.0.0.1:50054"
+    stage_timeout_s: float = Field(600.0, gt=0)
+    stage_attempts: int = Field(3, ge=1, le=20)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    max_upload_mb: int = Field(2048, ge=1)
+    workflow_workers: int = Field(4, ge=1)
+    preprocess_concurrency: int = Field(2, ge=1)
+    segmentation_concurrency: int = Field(1, ge=1)
+    findings_concurrency: int = Field(1, ge=1)
+
+    # Model servers
+    triton_url: str = ""  # host:port of Triton's gRPC endpoint; empty = in-process ONNX Runtime
+    segmentation_model: str = "cmr_seg"
+    # Local model layout folder; empty = download `triton/<segmentation_model>/` from the models bucket.
+    segmentation_model_dir: str = ""
+    vlm_base_url: str = ""  # OpenAI-compatible base URL (KServe: .../openai/v1); empty = none
+    vlm_model: str = "cmr-vl"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @property
+    def accepted_tokens(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.auth_tokens.split(",") if t.strip())
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment (plus explicit overrides), or SettingsError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [
+            f"CMRVL_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,250 @@
+"""The local stack: the whole system on one machine as real processes.
+
+`cmrvl up` starts a SeaweedFS S3 server (`weed mini`, the embedded stand-in for MinIO) and the
+four gRPC services; `cmrvl down` stops them. State (ports, pids, generated credentials, data,
+logs) lives in one folder, `~/.cmrvl/stack` unless CMRVL_STACK_DIR says otherwise.
+
+Ports are offsets from one base (default 50050), so several stacks (tests, a developer's) can run
+side by side: gateway base+1, preprocess +2, segmentation +3, findings +4, metrics +11..+14,
+S3 +20, and SeaweedFS's internal ports +21..+39."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STAGES = ("preprocess", "segmentation", "findings", "gateway")  # start order: gateway last
+GRPC_OFFSETS = {"gateway": 1, "preprocess": 2, "segmentation": 3, "findings": 4}
+S3_OFFSET = 20
+DEFAULT_BASE = 50050
+
+
+def default_stack_dir() -> Path:
+    return Path(os.environ.get("CMRVL_STACK_DIR") or Path.home() / ".cmrvl" / "stack")
+
+
+@dataclass
+class StackInfo:
+    base_port: int
+    access_key: str
+    secret_key: str
+    ris_token: str
+    internal_token: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"127.0.0.1:{self.base_port + S3_OFFSET}"
+
+    def target(self, service: str) -> str:
+        return f"127.0.0.1:{self.base_port + GRPC_OFFSETS[service]}"
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The CMRVL_* environment one service of this stack runs with."""
+        env = {
+            "CMRVL_GRPC_HOST": "127.0.0.1",
+            "CMRVL_GRPC_PORT": str(self.base_port + GRPC_OFFSETS[service]),
+            "CMRVL_METRICS_PORT": str(self.base_port + 10 + GRPC_OFFSETS[service]),
+            "CMRVL_S3_ENDPOINT": self.s3_endpoint,
+            "CMRVL_S3_ACCESS_KEY": self.access_key,
+            "CMRVL_S3_SECRET_KEY": self.secret_key,
+            "CMRVL_INTERNAL_TOKEN": self.internal_token,
+            "CMRVL_PREPROCESS_TARGET": self.target("preprocess"),
+            "CMRVL_SEGMENTATION_TARGET": self.target("segmentation"),
+            "CMRVL_FINDINGS_TARGET": self.target("findings"),
+        }
+        if service == "gateway":
+            env["CMRVL_AUTH_TOKENS"] = self.ris_token
+        return env
+
+
+def _weed_command(info: StackInfo, data_dir: Path, s3_config: Path) -> list[str]:
+    b = info.base_port
+    weed = Path(sys.executable).with_name("weed")
+    # Every port and the bind address are passed explicitly on every start: weed's defaults
+    # bind other ports, derive gRPC ports as port+10000 and report telemetry.
+    return [
+        str(weed if weed.exists() else shutil.which("weed") or "weed"), "mini",
+        f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", f"-s3.config={s3_config}", "-s3.iam=false",
+        "-admin.ui=false", "-webdav=false",
+        f"-s3.port={b + 20}", f"-master.port={b + 21}", f"-volume.port={b + 22}", f"-filer.port={b + 23}",
+        f"-admin.port={b + 24}", f"-s3.port.iceberg={b + 25}", f"-s3.port.lance={b + 26}",
+        f"-s3.port.grpc={b + 30}", f"-master.port.grpc={b + 31}", f"-volume.port.grpc={b + 32}",
+        f"-filer.port.grpc={b + 33}",
+        # weed mini's worker dials the admin gRPC port at admin.port + 10000 whatever is set.
+        f"-admin.port.grpc={b + 24 + 10000}",
+    ]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _ports(base: int) -> list[int]:
+    return [base + offset for offset in range(40)] + [base + 24 + 10000]
+
+
+def free_base_port() -> int:
+    """A base port whose whole range (base .. base+39) is free now."""
+    for _ in range(200):
+        base = 20000 + secrets.randbelow(300) * 100  # +10024 (weed admin gRPC) stays < 65536
+        if not any(_port_open(port) for port in _ports(base)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+class Stack:
+    def __init__(self, stack_dir: Path | None = None):
+        self.dir = Path(stack_dir or default_stack_dir())
+        self.info_file = self.dir / "stack.json"
+
+    def info(self) -> StackInfo | None:
+        if not self.info_file.exists():
+            return None
+        return StackInfo(**json.loads(self.info_file.read_text()))
+
+    def running(self) -> bool:
+        info = self.info()
+        return bool(info and info.pids and all(_alive(p) for p in info.pids.values()))
+
+    def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None) -> StackInfo:
+        if self.running():
+            return self.info()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        previous = self.info()
+        # Credentials are generated once per stack folder and kept (the data stays readable).
+        info = StackInfo(
+            base_port=base_port,
+            access_key=previous.access_key if previous else "cmrvl-" + secrets.token_hex(6),
+            secret_key=previous.secret_key if previous else secrets.token_urlsafe(24),
+            ris_token=previous.ris_token if previous else secrets.token_urlsafe(24),
+            internal_token=previous.internal_token if previous else secrets.token_urlsafe(24),
+        )
+        busy = [port for port in _ports(info.base_port) if _port_open(port)]
+        if busy:
+            raise RuntimeError(f"ports already in use: {busy[:5]} (choose another --base-port)")
+        s3_config = self.dir / "s3.json"
+        s3_config.write_text(json.dumps({"identities": [{
+            "name": "cmrvl",
+            "credentials": [{"accessKey": info.access_key, "secretKey": info.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        s3_config.chmod(0o600)
+        self._write(info)
+        try:
+            info.pids["s3"] = self._spawn("s3", _weed_command(info, self.dir / "s3-data", s3_config), {})
+            self._write(info)
+            self._wait_port(info, "s3", info.base_port + S3_OFFSET, timeout_s)
+            self._ensure_buckets(info, timeout_s)
+            for service in STAGES:
+                env = {**info.service_env(service), **(extra_env or {})}
+                command = [sys.executable, "-m", "services.cli", "serve", service]
+                info.pids[service] = self._spawn(service, command, env)
+                self._write(info)
+            for service in STAGES:
+                self._wait_healthy(info, service, timeout_s)
+        except BaseException:
+            self.down()
+            raise
+        return info
+
+    def down(self, timeout_s: float = 30.0) -> None:
+        info = self.info()
+        if info is None:
+            return
+        # Gateway first, so no new work reaches the stages; S3 last.
+        order = [s for s in ("gateway", "preprocess", "segmentation", "findings", "s3") if s in info.pids]
+        for name in order:
+            pid = info.pids[name]
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout_s
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        info.pids = {}
+        self._write(info)
+
+    def _write(self, info: StackInfo) -> None:
+        self.info_file.write_text(json.dumps(asdict(info), indent=2))
+        self.info_file.chmod(0o600)
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> int:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env}, start_new_session=True,
+        )
+        # Reap the child when it exits so `_alive` sees it go.
+        threading.Thread(target=process.wait, daemon=True).start()
+        return process.pid
+
+    def _wait_port(self, info: StackInfo, name: str, port: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(port):
+            if not _alive(info.pids[name]):
+                raise RuntimeError(f"{name} exited during start-up; see {self.dir / 'logs' / (name + '.log')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not open port {port} within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def _ensure_buckets(self, info: StackInfo, timeout_s: float) -> None:
+        from services.runtime.settings import Settings
+        from services.runtime.storage import ObjectStore
+
+        store = ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
+                                     s3_secret_key=info.secret_key))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                store.ensure_buckets()
+                return
+            except Exception:  # the S3 port opens before the filer behind it is ready
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _wait_healthy(self, info: StackInfo, service: str, timeout_s: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(info.target(service)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not _alive(info.pids[service]):
+                    raise RuntimeError(f"{service} exited during start-up; see {self.dir / 'logs' / (service + '.log')}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service} not healthy within {timeout_s:.0f}s")
+                time.sleep(0.2)

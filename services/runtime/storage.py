@@ -1,0 +1,167 @@
+"""The object store (MinIO in the cluster, SeaweedFS's S3 server locally) and its one layout.
+
+Buckets (names carry `Settings.bucket_prefix`, default `cmrvl-`):
+
+| bucket            | key                                         | content                          |
+|-------------------|---------------------------------------------|----------------------------------|
+| `cmrvl-studies`   | `<study_id>/dicom/<relative path>`          | uploaded DICOM files, as sent    |
+|                   | `<study_id>/study.json`                     | durable workflow record (written |
+|                   |                                             | last: its presence = submitted)  |
+| `cmrvl-artifacts` | `<study_id>/preprocess/manifest.json`, ...  | derived data, one folder a stage |
+|                   | `<study_id>/segmentation/labels.nii.gz`     |                                  |
+|                   | `<study_id>/findings/findings.json`, inputs |                                  |
+| `cmrvl-models`    | `triton/<model>/config.pbtxt`,              | Triton model repository          |
+|                   | `triton/<model>/<version>/model.onnx`       |                                  |
+|                   | `vlm/<name>/<version>/...`                  | weights for KServe `storageUri`  |
+| `cmrvl-reports`   | `<study_id>/report.json`, `report.txt`,     | what the RIS/PACS receives       |
+|                   | `<study_id>/sr.dcm`, `<study_id>/seg.dcm`   |                                  |
+
+Keys are deterministic from the study id, so a repeated stage overwrites its own result."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from minio import Minio
+from minio.error import S3Error
+
+from services.runtime.settings import Settings
+
+BUCKET_ROLES = ("studies", "artifacts", "models", "reports")
+
+
+class ObjectNotFound(KeyError):
+    pass
+
+
+class StorageAuthError(PermissionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Plain-Python twin of cmrvl.v1.ObjectRef, so stage logic needs no protobuf."""
+
+    bucket: str
+    key: str
+    sha256: str = ""
+    size_bytes: int = 0
+
+
+def _translate(exc: S3Error, bucket: str, key: str) -> Exception:
+    if exc.code in {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}:
+        return ObjectNotFound(f"s3://{bucket}/{key} does not exist")
+    if exc.code in {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}:
+        return StorageAuthError(f"object store refused the credentials ({exc.code})")
+    return exc
+
+
+class ObjectStore:
+    def __init__(self, settings: Settings):
+        if not settings.s3_access_key or not settings.s3_secret_key:
+            raise StorageAuthError(
+                "CMRVL_S3_ACCESS_KEY and CMRVL_S3_SECRET_KEY must be set (no anonymous access)"
+            )
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+        self.buckets = {role: f"{settings.bucket_prefix}{role}" for role in BUCKET_ROLES}
+
+    def bucket(self, role: str) -> str:
+        return self.buckets[role]
+
+    def ensure_buckets(self) -> None:
+        for name in self.buckets.values():
+            try:
+                if not self.client.bucket_exists(name):
+                    self.client.make_bucket(name)
+            except S3Error as exc:
+                raise _translate(exc, name, "") from None
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> Ref:
+        try:
+            self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        except S3Error as exc:
+            raise _translate(exc, bucket, key) from None
+        return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
+
+    def put_file(self, bucket: str, key: str, path: Path, content_type: str = "application/octet-stream") -> Ref:
+        data = Path(path).read_bytes()
+        return self.put_bytes(bucket, key, data, content_type)
+
+    def put_json(self, bucket: str, key: str, document) -> Ref:
+        data = json.dumps(document, indent=2, sort_keys=True).encode()
+        return self.put_bytes(bucket, key, data, "application/json")
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        try:
+            response = self.client.get_object(bucket, key)
+        except S3Error as exc:
+            raise _translate(exc, bucket, key) from None
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_json(self, bucket: str, key: str):
+        return json.loads(self.get_bytes(bucket, key))
+
+    def get_file(self, bucket: str, key: str, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.get_bytes(bucket, key))
+        return path
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.client.stat_object(bucket, key)
+            return True
+        except S3Error as exc:
+            error = _translate(exc, bucket, key)
+            if isinstance(error, ObjectNotFound):
+                return False
+            raise error from None
+
+    def list_keys(self, bucket: str, prefix: str, recursive: bool = True) -> Iterator[str]:
+        try:
+            for obj in self.client.list_objects(bucket, prefix=prefix, recursive=recursive):
+                yield obj.object_name
+        except S3Error as exc:
+            raise _translate(exc, bucket, prefix) from None
+
+    def download_prefix(self, bucket: str, prefix: str, folder: Path) -> list[Path]:
+        """Copy every object under `prefix` into `folder`, keeping relative paths."""
+        paths = []
+        for key in self.list_keys(bucket, prefix):
+            relative = key[len(prefix):].lstrip("/")
+            if relative:
+                paths.append(self.get_file(bucket, key, Path(folder) / relative))
+        return paths
+
+    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> dict[str, Ref]:
+        """Upload every file under `folder` to `prefix`; returns refs by relative path."""
+        refs = {}
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(folder).as_posix()
+                refs[relative] = self.put_file(bucket, prefix + relative, path)
+        return refs
+
+    def delete_prefix(self, bucket: str, prefix: str) -> None:
+        for key in list(self.list_keys(bucket, prefix)):
+            self.client.remove_object(bucket, key)
+
+    def presigned_get(self, bucket: str, key: str, expires_s: int = 3600) -> str:
+        from datetime import timedelta
+
+        return self.client.presigned_get_object(bucket, key, expires=timedelta(seconds=expires_s))

@@ -1,0 +1,108 @@
+"""SegmentationService: cine volume -> label maps of every phase + cardiac function."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import grpc
+
+from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
+from services.runtime.errors import StageError, grpc_errors
+from services.runtime.protoconv import ref_to_proto
+from services.runtime.server import ServiceSpec
+from services.runtime.settings import Settings
+from services.runtime.storage import ObjectStore
+
+STAGE_PREFIX = "{study_id}/segmentation/"
+
+
+def cine_series(manifest: dict) -> dict:
+    for series in manifest.get("series", []):
+        if series.get("kind") == "cine_sax":
+            return series
+    raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "manifest has no short-axis cine series")
+
+
+class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
+    def __init__(self, store: ObjectStore, settings: Settings):
+        self.store, self.settings = store, settings
+        self._segmenter = None
+        self._lock = threading.Lock()
+
+    def segmenter(self):
+        """Load the model once, on first use (local folder, else the models bucket)."""
+        with self._lock:
+            if self._segmenter is None:
+                from services.segmentation.inference import load_segmenter
+
+                model_dir = self.settings.segmentation_model_dir or self._download_model()
+                backend = "triton" if self.settings.triton_url else "onnxruntime"
+                self._segmenter = load_segmenter(
+                    model_dir, backend=backend, triton_url=self.settings.triton_url or None,
+                    model_name=self.settings.segmentation_model,
+                )
+            return self._segmenter
+
+    def _download_model(self) -> str:
+        prefix = f"triton/{self.settings.segmentation_model}/"
+        folder = Path(tempfile.mkdtemp(prefix="cmrvl-model-")) / self.settings.segmentation_model
+        if not self.store.download_prefix(self.store.bucket("models"), prefix, folder):
+            raise StageError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no segmentation model installed: nothing under s3://{self.store.bucket('models')}/{prefix} "
+                "and CMRVL_SEGMENTATION_MODEL_DIR unset",
+            )
+        return str(folder)
+
+    @grpc_errors
+    def Segment(self, request, context):
+        import nibabel as nib
+        import numpy as np
+
+        from services.segmentation.function import measure_labels
+
+        artifacts = self.store.bucket("artifacts")
+        manifest = self.store.get_json(request.manifest.bucket, request.manifest.key)
+        series = cine_series(manifest)
+        manifest_dir = request.manifest.key.rsplit("/", 1)[0]
+        segmenter = self.segmenter()
+        with tempfile.TemporaryDirectory(prefix="cmrvl-seg-") as tmp:
+            cine_path = self.store.get_file(request.manifest.bucket, f"{manifest_dir}/{series['volume']}", Path(tmp) / "cine.nii.gz")
+            cine = nib.load(cine_path)
+            image = np.asarray(cine.dataobj, dtype=np.float32)
+            if image.ndim != 4:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"cine volume must be 4D, got shape {image.shape}")
+            labels = segmenter.segment_cine(image, cine.affine).astype(np.uint8)
+            labels_path = Path(tmp) / "labels.nii.gz"
+            nib.save(nib.Nifti1Image(labels, cine.affine), labels_path)
+            patient = manifest.get("patient", {})
+            height = request.height_m if request.HasField("height_m") else patient.get("height_m")
+            weight = request.weight_kg if request.HasField("weight_kg") else patient.get("weight_kg")
+            measurements = measure_labels(labels, cine.affine, height_m=height, weight_kg=weight)
+            prefix = STAGE_PREFIX.format(study_id=request.study_id)
+            labels_ref = self.store.put_file(artifacts, prefix + "labels.nii.gz", labels_path)
+        model = common_pb2.ModelInfo(
+            name=segmenter.model_name, version=str(segmenter.model_version),
+            backend="triton" if self.settings.triton_url else "onnxruntime",
+        )
+        measurements["model"] = {"name": model.name, "version": model.version, "backend": model.backend}
+        measurements_ref = self.store.put_bytes(
+            artifacts, prefix + "measurements.json", json.dumps(measurements, indent=2, default=float).encode(),
+            "application/json",
+        )
+        return stages_pb2.SegmentResponse(
+            labels=ref_to_proto(labels_ref), measurements=ref_to_proto(measurements_ref), model=model,
+        )
+
+
+def service_spec(settings: Settings) -> ServiceSpec:
+    store = ObjectStore(settings)
+    return ServiceSpec(
+        names=[stages_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name],
+        register=lambda server: stages_pb2_grpc.add_SegmentationServiceServicer_to_server(
+            SegmentationServicer(store, settings), server),
+        tokens=frozenset({settings.internal_token} - {""}),
+    )
