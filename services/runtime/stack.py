@@ -41,6 +41,7 @@ class StackInfo:
     ris_token: str
     internal_token: str
     pids: dict[str, int] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # CMRVL_* overrides for every service
 
     @property
     def s3_endpoint(self) -> str:
@@ -103,6 +104,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _terminate(pid: int, sig: int, timeout_s: float) -> None:
+    """Send `sig`, wait for the process to go, SIGKILL it after `timeout_s`."""
+    if not _alive(pid):
+        return
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def _ports(base: int) -> list[int]:
     return [base + offset for offset in range(40)] + [base + 24 + 10000]
 
@@ -143,6 +156,7 @@ class Stack:
             secret_key=previous.secret_key if previous else secrets.token_urlsafe(24),
             ris_token=previous.ris_token if previous else secrets.token_urlsafe(24),
             internal_token=previous.internal_token if previous else secrets.token_urlsafe(24),
+            extra_env=dict(extra_env or {}),
         )
         busy = [port for port in _ports(info.base_port) if _port_open(port)]
         if busy:
@@ -161,16 +175,32 @@ class Stack:
             self._wait_port(info, "s3", info.base_port + S3_OFFSET, timeout_s)
             self._ensure_buckets(info, timeout_s)
             for service in STAGES:
-                env = {**info.service_env(service), **(extra_env or {})}
-                command = [sys.executable, "-m", "services.cli", "serve", service]
-                info.pids[service] = self._spawn(service, command, env)
-                self._write(info)
+                self._spawn_service(info, service)
             for service in STAGES:
                 self._wait_healthy(info, service, timeout_s)
         except BaseException:
             self.down()
             raise
         return info
+
+    def start_service(self, service: str, timeout_s: float = 60.0) -> None:
+        """(Re)start one service of a running stack, e.g. after `stop_service`."""
+        info = self.info()
+        self._spawn_service(info, service)
+        self._wait_healthy(info, service, timeout_s)
+
+    def stop_service(self, service: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Stop one service: SIGTERM drains gracefully, SIGKILL simulates a crash."""
+        info = self.info()
+        pid = info.pids.pop(service)
+        _terminate(pid, sig, timeout_s)
+        self._write(info)
+
+    def _spawn_service(self, info: StackInfo, service: str) -> None:
+        env = {**info.service_env(service), **info.extra_env}
+        command = [sys.executable, "-m", "services", "serve", service]
+        info.pids[service] = self._spawn(service, command, env)
+        self._write(info)
 
     def down(self, timeout_s: float = 30.0) -> None:
         info = self.info()
@@ -179,14 +209,7 @@ class Stack:
         # Gateway first, so no new work reaches the stages; S3 last.
         order = [s for s in ("gateway", "preprocess", "segmentation", "findings", "s3") if s in info.pids]
         for name in order:
-            pid = info.pids[name]
-            if _alive(pid):
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + timeout_s
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if _alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+            _terminate(info.pids[name], signal.SIGTERM, timeout_s)
         info.pids = {}
         self._write(info)
 

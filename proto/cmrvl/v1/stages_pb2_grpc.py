@@ -47,7 +47,8 @@ class PreprocessServiceServicer(object):
     """
 
     def Preprocess(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Sort the study into series and write volumes + manifest under <study_id>/preprocess/.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -122,7 +123,8 @@ class SegmentationServiceServicer(object):
     """
 
     def Segment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Segment every cine phase and measure; writes under <study_id>/segmentation/.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -197,7 +199,8 @@ class FindingsServiceServicer(object):
     """
 
     def GenerateFindings(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Prepare the visual inputs and ask each catalog question; writes under <study_id>/findings/.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class StudyServiceStub(object):
-    """Missing associated documentation comment in .proto file."""
+    """Submit studies, follow their progress, fetch their reports.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +73,8 @@ class StudyServiceStub(object):
 
 
 class StudyServiceServicer(object):
-    """Missing associated documentation comment in .proto file."""
+    """Submit studies, follow their progress, fetch their reports.
+    """
 
     def SubmitStudy(self, request_iterator, context):
         """Upload a DICOM study as a stream. The first message is a header, then file chunks;
@@ -176,7 +178,8 @@ def add_StudyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StudyService(object):
-    """Missing associated documentation comment in .proto file."""
+    """Submit studies, follow their progress, fetch their reports.
+    """
 
     @staticmethod
     def SubmitStudy(request_iterator,

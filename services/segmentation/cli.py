@@ -1,0 +1,62 @@
+"""`cmrvl measure`: cardiac function from label maps, printed as one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from services.cli import CommandError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "measure",
+        help="LV/RV volumes, EF and LV mass from label maps (1 LV cavity, 2 LV myocardium, 3 RV)",
+        description="Measure cardiac function from segmentation label maps and print one JSON object. "
+        "Give either --ed and --es (3D maps) or --labels (4D map, one volume per phase).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", metavar="LABELS_4D.nii.gz", help="4D label map (x, y, z, phase)")
+    source.add_argument("--ed", metavar="ED.nii.gz", help="end-diastolic 3D label map (with --es)")
+    parser.add_argument("--es", metavar="ES.nii.gz", help="end-systolic 3D label map (with --ed)")
+    parser.add_argument("--ed-phase", type=int, metavar="N", help="0-based ED phase of --labels (default: max LV volume)")
+    parser.add_argument("--es-phase", type=int, metavar="N", help="0-based ES phase of --labels (default: min LV volume)")
+    parser.add_argument("--height-cm", type=float, metavar="H", help="height in cm (for BSA-indexed values)")
+    parser.add_argument("--weight-kg", type=float, metavar="W", help="weight in kg (for BSA-indexed values)")
+    parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON with this indent")
+    parser.set_defaults(handler=_measure)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from services.segmentation.function import measure_files
+
+    if args.ed is not None and args.es is None:
+        raise CommandError("--ed needs --es")
+    if args.labels is None and (args.ed_phase is not None or args.es_phase is not None):
+        raise CommandError("--ed-phase/--es-phase apply to --labels only")
+    if (args.height_cm is None) != (args.weight_kg is None):
+        raise CommandError("give both --height-cm and --weight-kg, or neither")
+    for value, name in ((args.height_cm, "--height-cm"), (args.weight_kg, "--weight-kg")):
+        if value is not None and value <= 0:
+            raise CommandError(f"{name} must be positive")
+    for path in (args.labels, args.ed, args.es):
+        if path is not None and not Path(path).is_file():
+            raise CommandError(f"no such file: {path}")
+    try:
+        result = measure_files(
+            labels_4d=args.labels, ed=args.ed, es=args.es,
+            ed_phase=args.ed_phase, es_phase=args.es_phase,
+            height_m=args.height_cm / 100.0 if args.height_cm is not None else None,
+            weight_kg=args.weight_kg,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(f"cannot read {exc.filename or exc}") from None
+    except ValueError as exc:
+        raise CommandError(str(exc).splitlines()[0]) from None
+    except Exception as exc:  # nibabel raises its own errors for unreadable files
+        if type(exc).__module__.startswith("nibabel"):
+            raise CommandError(f"cannot read label map: {exc}") from None
+        raise
+    print(json.dumps(result, indent=args.indent))
+    return 0

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real local stack (SeaweedFS S3 + the four gRPC services as processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SUNNYBROOK_STUDY = SHARED_DATA / "sunnybrook" / "SCD0000101"
+TEST_MAX_UPLOAD_MB = 64
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"sample data missing in CI: {path}")
+        pytest.skip(f"sample data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One real stack for the session, on free ports, torn down at the end."""
+    from services.runtime.stack import Stack, free_base_port
+
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    info = stack.up(
+        base_port=free_base_port(),
+        extra_env={"CMRVL_MAX_UPLOAD_MB": str(TEST_MAX_UPLOAD_MB), "CMRVL_RETRY_BACKOFF_S": "0.2"},
+    )
+    yield stack
+    stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack_info(stack):
+    return stack.info()
+
+
+@pytest.fixture(scope="session")
+def store(stack_info):
+    from services.runtime.settings import Settings
+    from services.runtime.storage import ObjectStore
+
+    return ObjectStore(Settings(s3_endpoint=stack_info.s3_endpoint, s3_access_key=stack_info.access_key,
+                                s3_secret_key=stack_info.secret_key))
+
+
+@pytest.fixture()
+def gateway(stack_info):
+    from services.gateway.client import StudyClient
+
+    client = StudyClient(stack_info.target("gateway"), stack_info.ris_token)
+    yield client
+    client.close()

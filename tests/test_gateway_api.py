@@ -1,0 +1,156 @@
+"""StudyService over real gRPC on loopback, with the real stages and the real S3 server."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import grpc
+import pytest
+
+from cmrvl.v1 import common_pb2, study_pb2, study_pb2_grpc
+from tests.conftest import SUNNYBROOK_STUDY, TEST_MAX_UPLOAD_MB, require
+
+TERMINAL = {study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL,
+            study_pb2.STUDY_STATUS_FAILED, study_pb2.STUDY_STATUS_CANCELLED}
+
+
+def _finish(gateway, study_id):
+    events = list(gateway.watch(study_id, timeout_s=600))
+    assert [e.sequence for e in events] == list(range(len(events)))
+    assert events[-1].status in TERMINAL
+    return events
+
+
+def test_calls_without_a_valid_token_are_unauthenticated(stack_info, tmp_path):
+    from services.gateway.client import StudyClient
+
+    (tmp_path / "a.dcm").write_bytes(b"not read")
+    for token in ("", "wrong-token"):
+        client = StudyClient(stack_info.target("gateway"), token)
+        try:
+            for call in (lambda: client.get_study("x"), lambda: client.submit_folder(tmp_path),
+                         lambda: list(client.watch("x", timeout_s=5))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            client.close()
+
+
+def test_unknown_study_is_not_found(gateway):
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.get_study("no-such-study")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_oversize_upload_is_refused_and_leaves_nothing_behind(gateway, store):
+    before = set(store.list_keys(store.bucket("studies"), ""))
+    chunk = b"\0" * (1024 * 1024)
+
+    def messages():
+        yield study_pb2.SubmitStudyRequest(header=study_pb2.SubmitHeader(client_request_id="too-big"))
+        for i in range(TEST_MAX_UPLOAD_MB + 2):
+            yield study_pb2.SubmitStudyRequest(chunk=study_pb2.FileChunk(path="big.dcm", data=chunk))
+
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.stub.SubmitStudy(messages(), timeout=60, metadata=gateway.metadata)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{TEST_MAX_UPLOAD_MB} MB" in err.value.details()
+    assert set(store.list_keys(store.bucket("studies"), "")) == before
+
+
+@pytest.mark.parametrize("path", ["../escape.dcm", "/abs.dcm", "a/../../b.dcm"])
+def test_upload_paths_cannot_escape(gateway, path):
+    def messages():
+        yield study_pb2.SubmitStudyRequest(header=study_pb2.SubmitHeader(client_request_id="paths"))
+        yield study_pb2.SubmitStudyRequest(chunk=study_pb2.FileChunk(path=path, data=b"x"))
+
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.stub.SubmitStudy(messages(), timeout=30, metadata=gateway.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_upload_without_dicom_is_invalid(gateway, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a DICOM file")
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.submit_folder(tmp_path, "no-dicom")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "StudyInstanceUID" in err.value.details()
+
+
+@pytest.fixture(scope="module")
+def sunnybrook_study(stack_info):
+    """The real Sunnybrook study submitted once through the gateway and run to the end."""
+    from services.gateway.client import StudyClient
+
+    folder = require(SUNNYBROOK_STUDY)
+    client = StudyClient(stack_info.target("gateway"), stack_info.ris_token)
+    request_id = f"sunnybrook-{uuid.uuid4().hex[:8]}"
+    study = client.submit_folder(folder, request_id, height_m=1.75, weight_kg=80.0)
+    events = _finish(client, study.study_id)
+    yield study, request_id, events
+    client.close()
+
+
+def test_a_study_travels_every_stage_and_a_report_lands_in_the_store(sunnybrook_study, gateway, store):
+    study, _, events = sunnybrook_study
+    import pydicom
+
+    first_file = next(SUNNYBROOK_STUDY.glob("*.dcm"))
+    assert study.study_instance_uid == pydicom.dcmread(first_file, stop_before_pixels=True).StudyInstanceUID
+    stages_seen = {e.stage for e in events}
+    assert {common_pb2.STAGE_RECEIVED, common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_SEGMENTATION,
+            common_pb2.STAGE_FINDINGS, common_pb2.STAGE_REPORT} <= stages_seen
+    assert events[-1].percent == 100.0
+    final = gateway.get_study(study.study_id)
+    assert final.status in (study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL), final.error
+    states = {s.stage: s.state for s in final.stages}
+    assert states[common_pb2.STAGE_PREPROCESS] == "done"
+    assert states[common_pb2.STAGE_REPORT] == "done"
+
+    report = gateway.get_report(study.study_id)
+    document = json.loads(report.report_json)
+    assert document["schema"] == "cmrvl.report/v1"
+    assert document["study"]["study_instance_uid"] == study.study_instance_uid
+    assert store.get_json(report.json.bucket, report.json.key) == document
+    assert report.json.bucket == store.bucket("reports") and report.json.key == f"{study.study_id}/report.json"
+    assert document["series"] and document["series"][0]["kind"] == "cine_sax"
+    assert (document["series"][0]["n_slices"], document["series"][0]["n_phases"]) == (12, 20)
+    # Every stage that did not run says why, in the report and the study record.
+    for stage in final.stages:
+        if stage.state == "skipped":
+            assert stage.error
+            assert any(q["code"].startswith(common_pb2.Stage.Name(stage.stage).split("_", 1)[1].lower())
+                       for q in document["quality"])
+    assert "MEASUREMENTS" in report.report_text and "FINDINGS" in report.report_text
+
+
+def test_the_same_submission_twice_is_one_study(sunnybrook_study, gateway, store):
+    study, request_id, _ = sunnybrook_study
+    again = gateway.submit_folder(SUNNYBROOK_STUDY, request_id)
+    assert again.study_id == study.study_id
+    assert again.status in TERMINAL
+    listed = [s.study_id for s in gateway.stub.ListStudies(study_pb2.ListStudiesRequest(page_size=500),
+                                                           metadata=gateway.metadata).studies]
+    assert listed.count(study.study_id) == 1
+
+
+def test_list_filters_by_status_and_pages(sunnybrook_study, gateway):
+    study, _, _ = sunnybrook_study
+    final = gateway.get_study(study.study_id)
+    stub = gateway.stub
+    filtered = stub.ListStudies(study_pb2.ListStudiesRequest(status=final.status), metadata=gateway.metadata)
+    assert study.study_id in {s.study_id for s in filtered.studies}
+    assert all(s.status == final.status for s in filtered.studies)
+    other = stub.ListStudies(study_pb2.ListStudiesRequest(status=study_pb2.STUDY_STATUS_CANCELLED),
+                             metadata=gateway.metadata)
+    assert study.study_id not in {s.study_id for s in other.studies}
+    first = stub.ListStudies(study_pb2.ListStudiesRequest(page_size=1), metadata=gateway.metadata)
+    assert len(first.studies) == 1
+
+
+def test_report_of_a_running_or_unknown_study_is_refused(gateway):
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.get_report("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,93 @@
+"""Pods restart and model servers go away: no study is lost, done twice, or left hanging."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+
+from cmrvl.v1 import common_pb2, study_pb2
+from tests.conftest import SUNNYBROOK_STUDY, require
+
+
+@pytest.fixture()
+def own_stack(tmp_path):
+    """A stack of its own: this test kills and restarts its processes."""
+    from services.runtime.stack import Stack, free_base_port
+
+    stack = Stack(tmp_path / "stack")
+    stack.up(base_port=free_base_port(),
+             extra_env={"CMRVL_STAGE_ATTEMPTS": "20", "CMRVL_RETRY_BACKOFF_S": "0.5", "CMRVL_STAGE_TIMEOUT_S": "120"})
+    yield stack
+    stack.down()
+
+
+def _client(stack):
+    from services.gateway.client import StudyClient
+
+    info = stack.info()
+    return StudyClient(info.target("gateway"), info.ris_token)
+
+
+def _wait_for(predicate, timeout_s=120, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_stack):
+    folder = require(SUNNYBROOK_STUDY)
+    own_stack.stop_service("segmentation")  # the next stage is down: the study waits in retries
+    client = _client(own_stack)
+    study = client.submit_folder(folder, f"restart-{uuid.uuid4().hex[:6]}")
+
+    def stage_state(stage):
+        return {s.stage: s for s in client.get_study(study.study_id).stages}[stage]
+
+    _wait_for(lambda: stage_state(common_pb2.STAGE_PREPROCESS).state == "done", what="preprocess done")
+    _wait_for(lambda: stage_state(common_pb2.STAGE_SEGMENTATION).state == "running", what="segmentation retrying")
+    client.close()
+
+    own_stack.stop_service("gateway", signal.SIGKILL)  # a crash, not a drain
+    own_stack.start_service("segmentation")
+    own_stack.start_service("gateway")
+
+    client = _client(own_stack)
+    events = list(client.watch(study.study_id, timeout_s=300))
+    final = client.get_study(study.study_id)
+    client.close()
+    assert final.status in (study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL), final.error
+    stages = {s.stage: s for s in final.stages}
+    assert stages[common_pb2.STAGE_PREPROCESS].attempts == 1  # not re-run after the restart
+    assert stages[common_pb2.STAGE_SEGMENTATION].state in ("done", "skipped")
+    assert stages[common_pb2.STAGE_REPORT].attempts == 1
+    assert sum(1 for e in events if e.message == "preprocess done") == 1
+    final_statuses = (study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL)
+    assert sum(1 for e in events if e.status in final_statuses) == 1  # completed once
+
+
+def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path):
+    from services.runtime.stack import Stack, free_base_port
+
+    folder = require(SUNNYBROOK_STUDY)
+    stack = Stack(tmp_path / "stack")
+    stack.up(base_port=free_base_port(), extra_env={"CMRVL_STAGE_ATTEMPTS": "2", "CMRVL_RETRY_BACKOFF_S": "0.1"})
+    try:
+        stack.stop_service("preprocess")
+        client = _client(stack)
+        study = client.submit_folder(folder, "down")
+        events = list(client.watch(study.study_id, timeout_s=120))
+        final = client.get_study(study.study_id)
+        client.close()
+    finally:
+        stack.down()
+    assert final.status == study_pb2.STUDY_STATUS_FAILED
+    assert final.error.startswith("preprocess failed: UNAVAILABLE")
+    assert {s.stage: s.attempts for s in final.stages}[common_pb2.STAGE_PREPROCESS] == 1  # one stage run, retried inside
+    assert events[-1].status == study_pb2.STUDY_STATUS_FAILED

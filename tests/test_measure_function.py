@@ -1,0 +1,205 @@
+"""Cardiac function on phantoms with known volumes (services/segmentation/function.py, `cmrvl measure`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from services.cli import main
+from services.segmentation.function import (
+    MEASUREMENT_KEYS,
+    bsa_mosteller_m2,
+    classify,
+    measure_labels,
+    normal_range,
+    voxel_volume_ml,
+)
+
+# 2 x 2 x 10 mm voxels rotated obliquely: 40 mm^3 = 0.04 ml per voxel whatever the rotation.
+SPACING = (2.0, 2.0, 10.0)
+VOXEL_ML = 0.04
+
+
+def oblique_affine() -> np.ndarray:
+    a, b = math.radians(30), math.radians(-20)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(SPACING)
+    affine[:3, 3] = (-100.0, 20.0, 35.0)
+    return affine
+
+
+def heart_phase(lv_half: int, rv_width: int, shape=(64, 64, 8)) -> np.ndarray:
+    """LV cavity: square of side 2*lv_half on slices 1..6; myocardium: a 3-voxel frame around it;
+    RV: a block of rv_width x 16 on the same slices, beside the LV."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    c = 24
+    labels[c - lv_half - 3:c + lv_half + 3, c - lv_half - 3:c + lv_half + 3, 1:7] = 2
+    labels[c - lv_half:c + lv_half, c - lv_half:c + lv_half, 1:7] = 1
+    labels[40:40 + rv_width, 16:32, 1:7] = 3
+    return labels
+
+
+def expected(lv_half: int, rv_width: int) -> dict[str, float]:
+    lv = (2 * lv_half) ** 2 * 6
+    myo = ((2 * lv_half + 6) ** 2 - (2 * lv_half) ** 2) * 6
+    rv = rv_width * 16 * 6
+    return {"lv": lv * VOXEL_ML, "myo": myo * VOXEL_ML, "rv": rv * VOXEL_ML}
+
+
+# LV half-widths and RV widths over a 5-phase cycle: ED at phase 1, ES at phase 3.
+CYCLE = [(9, 14), (10, 16), (8, 12), (6, 8), (8, 12)]
+
+
+def cycle_4d() -> np.ndarray:
+    return np.stack([heart_phase(h, w) for h, w in CYCLE], axis=-1)
+
+
+def test_voxel_volume_and_bsa_by_hand():
+    assert voxel_volume_ml(oblique_affine()) == pytest.approx(VOXEL_ML)
+    assert bsa_mosteller_m2(1.80, 80.0) == pytest.approx(2.0)  # sqrt(180 * 80 / 3600)
+    with pytest.raises(ValueError):
+        bsa_mosteller_m2(0, 80)
+
+
+def test_measure_4d_phantom_by_hand():
+    result = measure_labels(cycle_4d(), oblique_affine(), height_m=1.80, weight_kg=80.0)
+    ed, es = expected(*CYCLE[1]), expected(*CYCLE[3])
+    assert (result["ed_phase"], result["es_phase"]) == (1, 3)
+    assert result["lv_volume_curve_ml"] == pytest.approx([expected(h, w)["lv"] for h, w in CYCLE])
+    assert result["rv_volume_curve_ml"] == pytest.approx([expected(h, w)["rv"] for h, w in CYCLE])
+    # LV: 20x20x6 = 2400 voxels at ED (96 ml), 12x12x6 = 864 at ES (34.56 ml).
+    assert result["lv_edv_ml"] == pytest.approx(96.0)
+    assert result["lv_esv_ml"] == pytest.approx(34.56)
+    assert result["lv_sv_ml"] == pytest.approx(96.0 - 34.56)
+    assert result["lv_ef_pct"] == pytest.approx(100 * (96.0 - 34.56) / 96.0)
+    assert result["lv_mass_g"] == pytest.approx(ed["myo"] * 1.05)
+    assert result["rv_edv_ml"] == pytest.approx(ed["rv"])
+    assert result["rv_esv_ml"] == pytest.approx(es["rv"])
+    assert result["rv_ef_pct"] == pytest.approx(100 * (ed["rv"] - es["rv"]) / ed["rv"])
+    assert result["bsa_m2"] == pytest.approx(2.0)
+    assert result["lv_edvi_ml_m2"] == pytest.approx(48.0)
+    assert result["lv_massi_g_m2"] == pytest.approx(ed["myo"] * 1.05 / 2.0)
+    assert result["rv_svi_ml_m2"] == pytest.approx((ed["rv"] - es["rv"]) / 2.0)
+    assert result["quality"] == []
+
+
+def test_caller_phases_override_curve():
+    result = measure_labels(cycle_4d(), oblique_affine(), ed_phase=0, es_phase=2)
+    assert (result["ed_phase"], result["es_phase"]) == (0, 2)
+    assert result["lv_edv_ml"] == pytest.approx(expected(*CYCLE[0])["lv"])
+    assert result["lv_esv_ml"] == pytest.approx(expected(*CYCLE[2])["lv"])
+    assert result["lv_edvi_ml_m2"] is None and result["bsa_m2"] is None
+    with pytest.raises(ValueError):
+        measure_labels(cycle_4d(), oblique_affine(), ed_phase=5)
+
+
+def test_only_labelled_phases_are_candidates():
+    # A 4D map labelled at ED and ES only (as drawn by experts): empty phases are not ES.
+    labels = np.zeros((64, 64, 8, 4), dtype=np.uint8)
+    labels[..., 1], labels[..., 3] = heart_phase(10, 16), heart_phase(6, 8)
+    result = measure_labels(labels, oblique_affine())
+    assert (result["ed_phase"], result["es_phase"]) == (1, 3)
+    assert result["lv_esv_ml"] == pytest.approx(expected(6, 8)["lv"])
+
+
+def test_disconnected_component_removed_and_flagged():
+    labels = cycle_4d()
+    labels[60:62, 60:62, 2:4, 1] = 1  # a stray 8-voxel LV blob at ED, far from the heart
+    result = measure_labels(labels, oblique_affine())
+    assert result["lv_edv_ml"] == pytest.approx(96.0)  # the blob does not count
+    flags = [f for f in result["quality"] if f["code"] == "components_removed"]
+    assert len(flags) == 1 and "phase 1" in flags[0]["message"] and "8 voxels" in flags[0]["message"]
+    unclean = measure_labels(labels, oblique_affine(), clean=False)
+    assert unclean["lv_edv_ml"] == pytest.approx(96.0 + 8 * VOXEL_ML)
+
+
+def test_absent_rv_gives_nulls_and_flag():
+    labels = cycle_4d()
+    labels[labels == 3] = 0
+    result = measure_labels(labels, oblique_affine(), height_m=1.8, weight_kg=80)
+    for key in ("rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct", "rv_edvi_ml_m2"):
+        assert result[key] is None
+    assert result["lv_edv_ml"] == pytest.approx(96.0)
+    assert any(f["code"] == "empty_class" and "RV" in f["message"] for f in result["quality"])
+
+
+def test_implausible_masks_flagged():
+    # ES larger than ED (caller swapped them): EF negative.
+    result = measure_labels(cycle_4d(), oblique_affine(), ed_phase=3, es_phase=1)
+    assert result["lv_ef_pct"] < 0
+    assert any(f["code"] == "ef_out_of_range" for f in result["quality"])
+    # LV cavity empty at ES.
+    labels = cycle_4d()
+    labels[..., 3][labels[..., 3] == 1] = 0
+    result = measure_labels(labels, oblique_affine(), ed_phase=1, es_phase=3)
+    assert result["lv_esv_ml"] == 0.0
+    assert any(f["code"] == "empty_class" and "ES" in f["message"] for f in result["quality"])
+    with pytest.raises(ValueError):
+        measure_labels(np.full((4, 4, 4), 7), np.eye(4))
+
+
+def test_normal_ranges_lookup():
+    male, female, both = (normal_range("lv_edvi_ml_m2", s) for s in ("male", "F", None))
+    assert male["unit"] == "ml/m2" and male["low"] < male["high"]
+    assert both["low"] == min(male["low"], female["low"]) and both["high"] == max(male["high"], female["high"])
+    assert normal_range("lv_volume_curve_ml") is None
+    ef = normal_range("lv_ef_pct", "male")
+    assert classify("lv_ef_pct", ef["low"] - 1, "male") == "low"
+    assert classify("lv_ef_pct", (ef["low"] + ef["high"]) / 2, "male") == "normal"
+    assert classify("lv_ef_pct", None) is None
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def run_measure(argv: list[str]) -> int:
+    """The real `cmrvl` entry point (services.cli.main)."""
+    return main(argv)
+
+
+def save(tmp_path, name, data):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), oblique_affine()), str(path))
+    return str(path)
+
+
+def test_cli_ed_es_files(tmp_path, capsys):
+    ed, es = save(tmp_path, "ed.nii.gz", heart_phase(10, 16)), save(tmp_path, "es.nii.gz", heart_phase(6, 8))
+    assert run_measure(["measure", "--ed", ed, "--es", es, "--height-cm", "180", "--weight-kg", "80"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(MEASUREMENT_KEYS) <= set(out)
+    assert out["lv_edv_ml"] == pytest.approx(96.0)
+    assert out["lv_esv_ml"] == pytest.approx(34.56)
+    assert out["rv_esv_ml"] == pytest.approx(expected(6, 8)["rv"])
+    assert out["lv_edvi_ml_m2"] == pytest.approx(48.0)
+    assert (out["ed_phase"], out["es_phase"]) == (0, 1)
+
+
+def test_cli_labels_4d(tmp_path, capsys):
+    path = save(tmp_path, "labels.nii.gz", cycle_4d())
+    assert run_measure(["measure", "--labels", path]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ed_phase"], out["es_phase"]) == (1, 3)
+    assert out["lv_ef_pct"] == pytest.approx(100 * (96.0 - 34.56) / 96.0)
+    assert out["lv_edvi_ml_m2"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--es", "MISSING"], "no such file"),
+    ([], "--ed needs --es"),
+    (["--es", "ED", "--height-cm", "180"], "both --height-cm and --weight-kg"),
+    (["--es", "SMALL"], "same shape"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, extra, message):
+    paths = {"ED": save(tmp_path, "ed.nii.gz", heart_phase(10, 16)), "MISSING": str(tmp_path / "missing.nii.gz"),
+             "SMALL": save(tmp_path, "small.nii.gz", np.zeros((4, 4, 4)))}
+    assert run_measure(["measure", "--ed", paths["ED"], *[paths.get(a, a) for a in extra]]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cmrvl measure: error:") and message in captured.err
+    assert captured.err.count("\n") == 1
