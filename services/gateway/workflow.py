@@ -6,12 +6,14 @@ queue a burst of studies instead of overloading the model servers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from prometheus_client import Counter, Gauge
 
 from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
 from services.gateway.records import STAGES, TERMINAL, RecordStore
@@ -24,6 +26,11 @@ log = logging.getLogger("cmrvl.workflow")
 # the study goes on without it and the report says so (partial).
 SKIPPABLE = {"segmentation": {grpc.StatusCode.FAILED_PRECONDITION},
              "findings": "any"}  # findings never block the measurements
+
+
+STAGE_INFLIGHT = Gauge("cmrvl_stage_inflight", "Studies inside a stage now", ["stage"])
+STAGE_INFLIGHT_PEAK = Gauge("cmrvl_stage_inflight_peak", "Most studies inside a stage at once since start", ["stage"])
+STUDIES_FINISHED = Counter("cmrvl_studies_finished_total", "Studies that reached a final status", ["status"])
 
 
 class Cancelled(Exception):
@@ -52,6 +59,9 @@ class Workflow:
             "findings": threading.BoundedSemaphore(settings.findings_concurrency),
             "report": threading.BoundedSemaphore(settings.workflow_workers),
         }
+        self._inflight = {stage: 0 for stage in self.limits}
+        self._peak = dict(self._inflight)
+        self._inflight_lock = threading.Lock()
         self._active: set[str] = set()
         self._active_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -125,6 +135,7 @@ class Workflow:
                     return
             skipped = [s for s in STAGES if record["stages"][s]["state"] in ("skipped", "failed")]
             record["status"] = "partial" if skipped else "completed"
+            STUDIES_FINISHED.labels(record["status"]).inc()
             record["current_stage"] = "report"
             self.records.add_event(record, "report", f"study {record['status']}"
                                    + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0)
@@ -139,7 +150,7 @@ class Workflow:
         self.records.add_event(record, stage, f"{stage} started", percent=record["events"][-1]["percent"])
         started = time.perf_counter()
         try:
-            with self.limits[stage]:
+            with self.limits[stage], self._inside(stage):
                 state["attempts"] += 1
                 outputs = self._call(record, stage)
             state.update(state="done", outputs=outputs)
@@ -163,6 +174,20 @@ class Workflow:
             log.exception("study %s: %s", record["study_id"], stage)
         state["seconds"] = round(state["seconds"] + time.perf_counter() - started, 3)
         self.records.add_event(record, stage, message)
+
+    @contextlib.contextmanager
+    def _inside(self, stage: str):
+        with self._inflight_lock:
+            self._inflight[stage] += 1
+            STAGE_INFLIGHT.labels(stage).set(self._inflight[stage])
+            self._peak[stage] = max(self._peak[stage], self._inflight[stage])
+            STAGE_INFLIGHT_PEAK.labels(stage).set(self._peak[stage])
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight[stage] -= 1
+                STAGE_INFLIGHT.labels(stage).set(self._inflight[stage])
 
     def _call(self, record: dict, stage: str) -> dict:
         """Run one stage; returns what later stages need (object refs, model identities)."""
