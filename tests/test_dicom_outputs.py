@@ -1,0 +1,262 @@
+"""DICOM SEG and SR outputs (issues 4 and 6) on the real Sunnybrook study SCD0000101.
+
+Labels: the expert LV contours at ED and ES (training.nnunet.sunnybrook) plus a synthetic RV disc
+beside the LV on the contoured slices (Sunnybrook has no RV contours), so all three segments and
+every SR measurement are exercised. Measurements come from services.segmentation.function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+
+SUNNYBROOK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sunnybrook"
+STUDY = SUNNYBROOK / "SCD0000101"
+pytestmark = [
+    pytest.mark.skipif(not (SUNNYBROOK / "link.csv").is_file(), reason=f"sample data absent: {SUNNYBROOK}"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # pydicom warns about the study's invalid UIDs
+]
+MODEL = {"name": "sunnybrook-contours", "version": "1.0", "backend": "expert"}
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _add_rv(labels: np.ndarray, phase: int, slices: list[int], radius: float) -> None:
+    """A disc of RV (3) 35 px beside the LV cavity centre, on background voxels only."""
+    cx, cy = np.argwhere(labels[..., phase] == 1)[:, :2].mean(axis=0)
+    x, y = np.ogrid[:labels.shape[0], :labels.shape[1]]
+    disc = (x - (cx + 35)) ** 2 + (y - (cy - 5)) ** 2 <= radius ** 2
+    for z in slices:
+        plane = labels[:, :, z, phase]
+        plane[disc & (plane == 0)] = 3
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from services.preprocess.study import preprocess_study
+    from services.segmentation.dicom_seg import build_segs, cine_entry, read_source_headers
+    from services.segmentation.function import measure_labels
+    from training.nnunet.sunnybrook import load_case
+
+    manifest = preprocess_study(STUDY, tmp_path_factory.mktemp("pre"))
+    entry = cine_entry(manifest)
+    case = load_case(STUDY, SUNNYBROOK / "contours" / "SC-HF-I-1")
+    ed, es = case.ed_phase, case.es_phase
+    labels = np.zeros((entry["columns"], entry["rows"], entry["n_slices"], entry["n_phases"]), np.uint8)
+    labels[..., ed], labels[..., es] = case.labels["ed"], case.labels["es"]
+    _add_rv(labels, ed, case.contoured_slices["ed"], 16)
+    _add_rv(labels, es, case.contoured_slices["es"], 11)
+    measurements = measure_labels(labels, np.array(entry["affine"]), height_m=1.75, weight_kg=70)
+    assert (measurements["ed_phase"], measurements["es_phase"]) == (ed, es)
+    segs = build_segs(STUDY, manifest, labels, MODEL, measurements=measurements)
+    sops = entry["sop_instance_uids"]
+    headers = read_source_headers(STUDY, [sops[z][t] for t in (ed, es) for z in range(entry["n_slices"])])
+    report = {"measurements": {k: v for k, v in measurements.items()
+                               if k not in ("quality", "model", "lv_volume_curve_ml", "rv_volume_curve_ml")},
+              "models": {"segmentation": MODEL, "vlm": None}}
+    return SimpleNamespace(manifest=manifest, entry=entry, labels=labels, ed=ed, es=es, segs=segs,
+                           measurements=measurements, report=report, headers=list(headers.values()))
+
+
+@pytest.fixture(scope="module")
+def sr(study):
+    import highdicom as hd
+
+    from services.gateway.dicom_sr import build_sr
+
+    # Parsed, as a reader gets it: its content is then a MeasurementReport with group accessors.
+    return hd.sr.Comprehensive3DSR.from_dataset(build_sr(study.segs, study.headers, study.report))
+
+
+def _expected(measurements: dict) -> dict[str, float]:
+    from services.gateway.dicom_sr import SR_KEYS
+
+    return {k: measurements[k] for k in SR_KEYS if measurements.get(k) is not None}
+
+
+# --- SEG ----------------------------------------------------------------------------------------
+
+def test_seg_pixels_are_the_label_map_transposed(study, tmp_path):
+    import highdicom as hd
+
+    from services.segmentation.dicom_seg import seg_labels
+
+    assert sorted(study.segs) == sorted([study.ed, study.es])  # default phases: ED and ES
+    asymmetric = 0
+    for t, seg in study.segs.items():
+        seg.save_as(tmp_path / f"seg_{t}.dcm")
+        back = hd.seg.segread(tmp_path / f"seg_{t}.dcm")
+        for z in range(study.entry["n_slices"]):
+            expected = study.labels[:, :, z, t].T  # (x = column, y = row) -> (row, column)
+            got = seg_labels(back, study.entry["sop_instance_uids"][z][t])
+            np.testing.assert_array_equal(got, expected, err_msg=f"phase {t} slice {z}")
+            asymmetric += not np.array_equal(expected, expected.T)
+    assert asymmetric > 0  # the comparison tells a transposed map from the right one
+    assert set(np.unique(seg_labels(back, study.entry["sop_instance_uids"][9][study.es]))) <= {0, 1, 3}
+
+
+def test_seg_references_exactly_the_source_instances(study):
+    sops = study.entry["sop_instance_uids"]
+    for t, seg in study.segs.items():
+        (series,) = seg.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == study.entry["series_instance_uid"]
+        referenced = {i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence}
+        assert referenced == {sops[z][t] for z in range(study.entry["n_slices"])}
+        per_frame = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                     for f in seg.PerFrameFunctionalGroupsSequence}
+        labelled = {sops[z][t] for z in range(study.entry["n_slices"]) if study.labels[:, :, z, t].any()}
+        assert per_frame == labelled
+        assert seg.StudyInstanceUID == study.manifest["study_instance_uid"]
+        assert seg.SOPClassUID == SEGMENTATION_STORAGE and seg.SegmentationType == "BINARY"
+        assert seg.SeriesInstanceUID != study.entry["series_instance_uid"]
+    assert study.segs[study.ed].ContentLabel == "ED" and study.segs[study.es].ContentLabel == "ES"
+    assert len({s.SeriesInstanceUID for s in study.segs.values()}) == 1
+    assert len({s.SOPInstanceUID for s in study.segs.values()}) == 2
+
+
+def test_seg_segments_and_codes(study):
+    seg = study.segs[study.ed]
+    expected = {1: ("LV cavity", "87878005"), 2: ("LV myocardium", "49848007"), 3: ("RV cavity", "53085002")}
+    got = {}
+    for item in seg.SegmentSequence:
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (category.CodingSchemeDesignator, category.CodeValue) == ("SCT", "91723000")
+        assert prop.CodingSchemeDesignator == "SCT"
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (MODEL["name"], MODEL["version"])
+        got[item.SegmentNumber] = (item.SegmentLabel, prop.CodeValue)
+    assert got == expected
+
+
+def test_seg_file_reads_back_with_pydicom(study, tmp_path):
+    path = tmp_path / "seg.dcm"
+    study.segs[study.es].save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    assert ds.SOPInstanceUID == study.segs[study.es].SOPInstanceUID
+    assert ds.file_meta.MediaStorageSOPClassUID == SEGMENTATION_STORAGE
+    assert ds.NumberOfFrames == study.segs[study.es].NumberOfFrames > 0
+
+
+def test_seg_uids_are_deterministic(study):
+    from services.segmentation.dicom_seg import build_seg
+
+    again = build_seg(STUDY, study.manifest, study.labels, MODEL, study.es, study.measurements)
+    first = study.segs[study.es]
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (first.SeriesInstanceUID, first.SOPInstanceUID)
+    changed = study.labels.copy()
+    changed[changed == 3] = 0  # different labels at ES: same series, a new instance UID
+    other = build_seg(STUDY, study.manifest, changed, MODEL, study.es, study.measurements)
+    assert other.SeriesInstanceUID == first.SeriesInstanceUID
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    assert {i.ReferencedSegmentNumber for f in other.PerFrameFunctionalGroupsSequence
+            for i in f.SegmentIdentificationSequence} == {1}  # RV empty: described, no frames
+    assert len(other.SegmentSequence) == 3
+
+
+def test_seg_rejects_a_label_map_in_another_grid(study):
+    from services.segmentation.dicom_seg import build_segs
+
+    with pytest.raises(ValueError, match="does not match the cine grid"):
+        build_segs(STUDY, study.manifest, study.labels.transpose(1, 0, 2, 3)[:-1], MODEL)
+
+
+# --- SR -----------------------------------------------------------------------------------------
+
+def test_sr_round_trip_gives_the_report_values(study, sr, tmp_path):
+    from services.gateway.dicom_sr import build_sr, read_sr_measurements
+
+    expected = _expected(study.report["measurements"])
+    assert len(expected) == 16  # LV, RV and indexed values all present
+    assert read_sr_measurements(sr) == expected
+    # From a file, with the sources read from the study folder.
+    from_dir = build_sr(study.segs, STUDY, study.report)
+    from_dir.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert ds.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert read_sr_measurements(ds) == expected
+
+
+def test_sr_codes_and_units(sr):
+    import highdicom as hd
+
+    found = {}
+    for group in [*sr.content.get_volumetric_roi_measurement_groups(), *sr.content.get_image_measurement_groups()]:
+        for m in group.get_measurements():
+            method = m.method.value if m.method is not None else None
+            found[(m.name.scheme_designator, m.name.value, method)] = m.unit.value
+    assert found == {
+        ("LN", "8821-1", None): "ml", ("LN", "8821-1", "8277-6"): "ml/m2",
+        ("LN", "8823-7", None): "ml", ("LN", "8823-7", "8277-6"): "ml/m2",
+        ("LN", "18087-7", None): "g", ("LN", "18087-7", "8277-6"): "g/m2",
+        ("SCT", "90096001", None): "ml", ("SCT", "90096001", "8277-6"): "ml/m2",
+        ("LN", "8811-2", None): "%",
+        ("LN", "8822-9", None): "ml", ("LN", "8822-9", "8277-6"): "ml/m2",
+        ("LN", "8824-5", None): "ml", ("LN", "8824-5", "8277-6"): "ml/m2",
+        ("SCT", "429483009", None): "ml", ("SCT", "429483009", "8277-6"): "ml/m2",
+        ("LN", "8818-7", None): "%",
+    }
+    (observer,) = [c for c in sr.content.get_observer_contexts() if c.observer_type.value == "121007"]
+    assert observer.observer_identifying_attributes.name == MODEL["name"]
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+
+
+def test_sr_references_the_seg(study, sr):
+    seg_by_uid = {s.SOPInstanceUID: t for t, s in study.segs.items()}
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    refs = {}
+    for group in groups:
+        ref = group.referenced_segment
+        refs[group.tracking_identifier] = (seg_by_uid[ref.referenced_sop_instance_uid],
+                                           ref.referenced_segment_numbers)
+    ed, es = study.ed, study.es
+    assert refs == {"LV cavity at ED": (ed, [1]), "LV cavity at ES": (es, [1]), "LV myocardium at ED": (ed, [2]),
+                    "RV cavity at ED": (ed, [3]), "RV cavity at ES": (es, [3])}
+    evidence = {(series.SeriesInstanceUID, item.ReferencedSOPInstanceUID)
+                for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study_item.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    for seg in study.segs.values():
+        assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) in evidence
+    assert sr.StudyInstanceUID == study.manifest["study_instance_uid"]
+
+
+def test_sr_leaves_out_null_values(study):
+    import highdicom as hd
+
+    from services.gateway.dicom_sr import build_sr, read_sr_measurements
+
+    measurements = dict(study.report["measurements"])
+    for key in list(measurements):
+        if key.startswith("rv_") or key.endswith("_m2"):
+            measurements[key] = None
+    report = dict(study.report, measurements=measurements)
+    partial = hd.sr.Comprehensive3DSR.from_dataset(build_sr(study.segs, study.headers, report))
+    assert read_sr_measurements(partial) == _expected(measurements)
+    assert set(read_sr_measurements(partial)) == {"lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "lv_mass_g"}
+    assert {g.tracking_identifier for g in partial.content.get_volumetric_roi_measurement_groups()} == \
+        {"LV cavity at ED", "LV cavity at ES", "LV myocardium at ED"}
+
+
+def test_sr_uids_are_deterministic(study, sr):
+    from services.gateway.dicom_sr import build_sr
+
+    again = build_sr(study.segs, study.headers, study.report)
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (sr.SeriesInstanceUID, sr.SOPInstanceUID)
+    changed = dict(study.report, measurements=dict(study.report["measurements"], lv_ef_pct=50.0))
+    assert build_sr(study.segs, study.headers, changed).SOPInstanceUID != sr.SOPInstanceUID
+
+
+def test_default_phases_are_ed_es_or_the_labelled_ones(study):
+    from services.segmentation.dicom_seg import default_phases
+
+    assert default_phases(study.labels, study.measurements) == [study.ed, study.es]
+    assert default_phases(study.labels) == sorted([study.ed, study.es])  # only ED/ES hold labels
+    one = np.zeros((4, 4, 2, 5), np.uint8)
+    one[1, 2, 0, 3] = 2
+    assert default_phases(one) == [3]
+    assert default_phases(one, {"ed_phase": 3, "es_phase": 3}) == [3]
