@@ -1,0 +1,451 @@
+"""Read a folder of DICOM files into per-frame records (one file is read exactly once).
+
+Classic single-frame MR and enhanced multi-frame MR both become `Frame`s: one 2D image with its
+own position, orientation, spacing, trigger time and rescale. Anything that cannot become a
+frame (not DICOM, truncated, no pixel data, undecodable) is returned as a `Rejected` with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _import_pydicom_lean():
+    """Import pydicom without `requests` and `tqdm`, which it loads only to download its own
+    test files: a third of its import time, paid by every `cmrvl preprocess`. The block is
+    lifted right after, so a later `import requests` elsewhere works as usual."""
+    blocked = [name for name in ("requests", "tqdm") if name not in sys.modules]
+    if "pydicom" not in sys.modules:
+        sys.modules.update(dict.fromkeys(blocked))  # None in sys.modules = ImportError
+    try:
+        import pydicom
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return pydicom
+
+
+pydicom = _import_pydicom_lean()
+from pydicom.errors import InvalidDicomError  # noqa: E402
+
+# Uncompressed little-endian pixel data is viewed directly; everything else goes through pydicom.
+_NATIVE_DTYPES = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2",
+                  (32, 0): "<u4", (32, 1): "<i4"}
+# Tags read on the hot path (by number: faster than keyword lookup).
+_SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID = 0x00080018, 0x0020000D, 0x0020000E
+_IPP, _IOP, _INSTANCE_NUMBER = 0x00200032, 0x00200037, 0x00200013
+_SLICE_THICKNESS, _SLICE_SPACING, _TRIGGER_TIME = 0x00180050, 0x00180088, 0x00181060
+_SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES = 0x00280002, 0x00280008
+_ROWS, _COLUMNS = 0x00280010, 0x00280011
+_PIXEL_SPACING, _BITS_ALLOCATED, _BITS_STORED = 0x00280030, 0x00280100, 0x00280101
+_PIXEL_REPRESENTATION, _RESCALE_INTERCEPT, _RESCALE_SLOPE = 0x00280103, 0x00281052, 0x00281053
+_PIXEL_DATA, _SHARED_GROUPS = 0x7FE00010, 0x52009229
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+@dataclass
+class Rejected:
+    file: str  # path relative to the study folder
+    reason: str
+
+
+@dataclass
+class SeriesInfo:
+    """Series-level header values, taken from the first image file of the series."""
+    series_instance_uid: str
+    series_number: int | None = None
+    description: str = ""
+    protocol_name: str = ""
+    sequence_name: str = ""
+    modality: str = ""
+    scanning_sequence: list[str] = field(default_factory=list)
+    sequence_variant: list[str] = field(default_factory=list)
+    image_type: list[str] = field(default_factory=list)
+    echo_time_ms: float | None = None
+    repetition_time_ms: float | None = None
+    inversion_time_ms: float | None = None
+    cardiac_number_of_images: int | None = None
+    frame_of_reference_uid: str = ""
+    sop_class_uid: str = ""
+
+
+@dataclass(eq=False)  # frames are compared by identity (they hold pixel arrays)
+class Frame:
+    """One 2D image: its geometry, timing and stored pixels (rows x cols, before rescale)."""
+    file: str
+    sop_instance_uid: str
+    frame_number: int | None  # 1-based frame in a multi-frame file, None for single-frame
+    series_instance_uid: str
+    study_instance_uid: str
+    rows: int
+    cols: int
+    pixels: np.ndarray
+    ipp: tuple[float, float, float] | None
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    trigger_time_ms: float | None
+    instance_number: int | None
+    slope: float = 1.0
+    intercept: float = 0.0
+    temporal_index: int | None = None
+    packed: object = None  # whatever read_folder's on_frame hook attached (e.g. a future)
+
+
+@dataclass
+class ReadResult:
+    frames: list[Frame]
+    series: dict[str, SeriesInfo]
+    rejected: list[Rejected]
+    studies: dict[str, dict]  # StudyInstanceUID -> study/patient header values (first image)
+    n_files: int
+
+
+@contextmanager
+def _quiet_pydicom():
+    """Real data has invalid UIDs and odd VRs: read them as they are, without warnings."""
+    cfg = pydicom.config.settings
+    saved = cfg.reading_validation_mode
+    cfg.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        cfg.reading_validation_mode = saved
+
+
+def is_valid_uid(uid: str) -> bool:
+    return bool(uid) and len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every regular file below folder, in a stable order (names carry no meaning to us)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        out.extend(Path(root) / name for name in sorted(files))
+    return out
+
+
+def _float(value) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _strings(value) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _item(seq_parent, keyword: str):
+    """First item of a functional-group sequence in a (per-frame or shared) group, or None."""
+    if seq_parent is None:
+        return None
+    seq = seq_parent.get(keyword)
+    return seq[0] if seq else None
+
+
+class _FrameGroups:
+    """Look up a frame's attribute: per-frame functional group, then shared, then top level."""
+
+    def __init__(self, ds):
+        self.per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        self.shared = shared[0] if shared else None
+        self.ds = ds
+
+    def get(self, index: int, sequence: str, keyword: str):
+        per = self.per_frame[index] if index < len(self.per_frame) else None
+        for group in (per, self.shared):
+            item = _item(group, sequence)
+            if item is not None and keyword in item:
+                return item.get(keyword)
+        return self.ds.get(keyword)
+
+
+def _raw_value(ds, tag: int):
+    """An element's value without pydicom's value conversion, which dominates read time.
+
+    Returns the raw bytes for elements not yet converted, the converted value otherwise."""
+    elem = ds.get_item(tag)
+    return None if elem is None else elem.value
+
+
+def _raw_numbers(ds, tag: int) -> list[float] | None:
+    """DS/IS element (backslash-separated decimal strings) as floats, parsed directly."""
+    value = _raw_value(ds, tag)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bytes):
+            text = value.decode("ascii", "replace").strip(" \x00")
+            return [float(v) for v in text.split("\\")] if text else None
+        if isinstance(value, (str, int, float)):
+            return [float(value)] if str(value).strip() else None
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _raw_number(ds, tag: int) -> float | None:
+    values = _raw_numbers(ds, tag)
+    return values[0] if values else None
+
+
+def _raw_text(ds, tag: int) -> str:
+    value = _raw_value(ds, tag)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \x00")
+    return "" if value is None else str(value)
+
+
+def _raw_us(ds, tag: int) -> int | None:
+    """An unsigned short (US) element such as Rows or BitsAllocated."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem.value, bytes):
+        if len(elem.value) < 2:
+            return None
+        return int.from_bytes(elem.value[:2], "little" if elem.is_little_endian else "big")
+    return int(elem.value)
+
+
+def _pixels(ds, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    """Stored pixel values as (frames, rows, cols); raises ValueError when truncated."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    key = (_raw_us(ds, _BITS_ALLOCATED) or 0, _raw_us(ds, _PIXEL_REPRESENTATION) or 0)
+    native = (ts is not None and not ts.is_compressed and ts.is_little_endian
+              and key in _NATIVE_DTYPES and _raw_us(ds, _BITS_STORED) == key[0]
+              and (_raw_us(ds, _SAMPLES_PER_PIXEL) or 1) == 1)
+    if native:
+        dtype = np.dtype(_NATIVE_DTYPES[key])
+        data = _raw_value(ds, _PIXEL_DATA)
+        need = n_frames * rows * cols * dtype.itemsize
+        if data is None or len(data) < need:
+            raise ValueError(f"truncated pixel data: {0 if data is None else len(data)} "
+                             f"of {need} bytes")
+        return np.frombuffer(data, dtype=dtype, count=n_frames * rows * cols).reshape(
+            n_frames, rows, cols)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError("colour images are not supported")
+    return np.asarray(ds.pixel_array).reshape(n_frames, rows, cols)
+
+
+def _looks_like_dicom_without_preamble(path: Path) -> bool:
+    """Old files may lack the 128-byte preamble; they then start with a group 0002/0008 tag."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _read_dataset(path: Path):
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        if not _looks_like_dicom_without_preamble(path):
+            raise
+        return pydicom.dcmread(path, force=True)
+
+
+def _series_info(ds, uid: str) -> SeriesInfo:
+    info = SeriesInfo(
+        series_instance_uid=uid,
+        series_number=_int(ds.get("SeriesNumber")),
+        description=str(ds.get("SeriesDescription", "") or ""),
+        protocol_name=str(ds.get("ProtocolName", "") or ""),
+        sequence_name=str(ds.get("SequenceName", "") or ds.get("PulseSequenceName", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        scanning_sequence=_strings(ds.get("ScanningSequence")),
+        sequence_variant=_strings(ds.get("SequenceVariant")),
+        image_type=_strings(ds.get("ImageType")),
+        echo_time_ms=_float(ds.get("EchoTime")),
+        repetition_time_ms=_float(ds.get("RepetitionTime")),
+        inversion_time_ms=_float(ds.get("InversionTime")),
+        cardiac_number_of_images=_int(ds.get("CardiacNumberOfImages")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+    )
+    if "SharedFunctionalGroupsSequence" in ds:  # enhanced MR keeps these in functional groups
+        groups = _FrameGroups(ds)
+        if info.echo_time_ms is None:
+            info.echo_time_ms = _float(groups.get(0, "MREchoSequence", "EffectiveEchoTime"))
+        if info.repetition_time_ms is None:
+            info.repetition_time_ms = _float(groups.get(
+                0, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
+        if info.inversion_time_ms is None:
+            times = groups.get(0, "MRModifierSequence", "InversionTimes")
+            if times:
+                info.inversion_time_ms = _float(_strings(times)[0])
+        if not info.scanning_sequence:
+            pulse = str(ds.get("EchoPulseSequence", "") or "")
+            info.scanning_sequence = {"GRADIENT": ["GR"], "SPIN": ["SE"],
+                                      "BOTH": ["SE", "GR"]}.get(pulse, [])
+            if groups.get(0, "MRModifierSequence", "InversionRecovery") == "YES":
+                info.scanning_sequence.append("IR")
+        if not info.image_type:
+            info.image_type = _strings(ds.get("ImageType"))
+    return info
+
+
+def _study_info(ds) -> dict:
+    def text(keyword):
+        value = ds.get(keyword)
+        return str(value).strip() if value not in (None, "") else None
+    return {
+        "study_instance_uid": text("StudyInstanceUID"),
+        "study_date": text("StudyDate"),
+        "study_time": text("StudyTime"),
+        "study_description": text("StudyDescription"),
+        "accession_number": text("AccessionNumber"),
+        "patient_id": text("PatientID"),
+        "patient_sex": text("PatientSex"),
+        "patient_age": text("PatientAge"),
+        "patient_size": _float(ds.get("PatientSize")),
+        "patient_weight": _float(ds.get("PatientWeight")),
+        "manufacturer": text("Manufacturer"),
+        "magnetic_field_strength_t": _float(ds.get("MagneticFieldStrength")),
+    }
+
+
+def _single_frame(ds, rel: str, pixels: np.ndarray) -> Frame:
+    """Classic single-frame image: every value read raw from the top-level dataset."""
+    def tup(tag, n):
+        values = _raw_numbers(ds, tag)
+        return tuple(values) if values and len(values) == n else None
+
+    trigger = _raw_number(ds, _TRIGGER_TIME)
+    if trigger is None:
+        trigger = _float(ds.get("NominalCardiacTriggerDelayTime"))
+    instance = _raw_number(ds, _INSTANCE_NUMBER)
+    return Frame(
+        file=rel, sop_instance_uid=_raw_text(ds, _SOP_INSTANCE_UID), frame_number=None,
+        series_instance_uid=_raw_text(ds, _SERIES_UID),
+        study_instance_uid=_raw_text(ds, _STUDY_UID),
+        rows=pixels.shape[1], cols=pixels.shape[2], pixels=pixels[0],
+        ipp=tup(_IPP, 3), iop=tup(_IOP, 6), pixel_spacing=tup(_PIXEL_SPACING, 2),
+        slice_thickness=_raw_number(ds, _SLICE_THICKNESS),
+        spacing_between_slices=_raw_number(ds, _SLICE_SPACING),
+        trigger_time_ms=trigger,
+        instance_number=None if instance is None else int(instance),
+        slope=_raw_number(ds, _RESCALE_SLOPE) or 1.0,
+        intercept=_raw_number(ds, _RESCALE_INTERCEPT) or 0.0,
+    )
+
+
+def _frames_of(ds, rel: str) -> list[Frame]:
+    rows, cols = _raw_us(ds, _ROWS), _raw_us(ds, _COLUMNS)
+    n_frames = int(_raw_number(ds, _NUMBER_OF_FRAMES) or 1)
+    pixels = _pixels(ds, n_frames, rows, cols)
+    if n_frames == 1 and ds.get_item(_SHARED_GROUPS) is None:
+        return [_single_frame(ds, rel, pixels)]
+    # Enhanced multi-frame: per-frame values live in functional groups.
+    groups = _FrameGroups(ds)
+    sop = str(ds.get("SOPInstanceUID", ""))
+    series_uid = str(ds.get("SeriesInstanceUID", ""))
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    instance = _int(ds.get("InstanceNumber"))
+    frames = []
+    for i in range(n_frames):
+        trigger = _float(groups.get(i, "CardiacSynchronizationSequence",
+                                    "NominalCardiacTriggerDelayTime"))
+        if trigger is None:
+            trigger = _float(ds.get("TriggerTime"))
+        frames.append(Frame(
+            file=rel, sop_instance_uid=sop, frame_number=i + 1,
+            series_instance_uid=series_uid, study_instance_uid=study_uid,
+            rows=rows, cols=cols, pixels=pixels[i],
+            ipp=_floats(groups.get(i, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            iop=_floats(groups.get(i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(groups.get(i, "PixelMeasuresSequence", "PixelSpacing"), 2),
+            slice_thickness=_float(groups.get(i, "PixelMeasuresSequence", "SliceThickness")),
+            spacing_between_slices=_float(
+                groups.get(i, "PixelMeasuresSequence", "SpacingBetweenSlices")),
+            trigger_time_ms=trigger,
+            instance_number=instance,
+            slope=_float(groups.get(i, "PixelValueTransformationSequence", "RescaleSlope")) or 1.0,
+            intercept=_float(groups.get(i, "PixelValueTransformationSequence",
+                                        "RescaleIntercept")) or 0.0,
+            temporal_index=_int(groups.get(i, "FrameContentSequence", "TemporalPositionIndex")),
+        ))
+    return frames
+
+
+def read_folder(folder: Path, on_frame: Callable[[Frame], None] | None = None) -> ReadResult:
+    """Read every file below folder once; images become frames, the rest is rejected.
+
+    on_frame is called with each frame as soon as it is read (to start work on it early)."""
+    folder = Path(folder)
+    frames: list[Frame] = []
+    series: dict[str, SeriesInfo] = {}
+    rejected: list[Rejected] = []
+    studies: dict[str, dict] = {}
+    paths = list_files(folder)
+    with _quiet_pydicom():
+        for path in paths:
+            rel = path.relative_to(folder).as_posix()
+            try:
+                ds = _read_dataset(path)
+            except InvalidDicomError:
+                rejected.append(Rejected(rel, "not a DICOM file (no DICM preamble or header)"))
+                continue
+            except Exception as exc:  # pydicom raises many types on damaged files
+                rejected.append(Rejected(rel, f"unreadable DICOM: {type(exc).__name__}: {exc}"))
+                continue
+            if ds.get_item(_PIXEL_DATA) is None:
+                what = str(ds.get("SOPClassUID", "")) or "unknown SOP class"
+                if getattr(getattr(ds, "SOPClassUID", None), "name", None):
+                    what = ds.SOPClassUID.name
+                rejected.append(Rejected(rel, f"no pixel data (not an image or truncated): {what}"))
+                continue
+            if ds.get_item(_ROWS) is None or ds.get_item(_COLUMNS) is None:
+                rejected.append(Rejected(rel, "image without Rows/Columns"))
+                continue
+            try:
+                file_frames = _frames_of(ds, rel)
+            except Exception as exc:
+                rejected.append(Rejected(rel, f"pixel data unusable: {exc}"))
+                continue
+            uid = file_frames[0].series_instance_uid
+            if uid not in series:
+                series[uid] = _series_info(ds, uid)
+            if file_frames[0].study_instance_uid not in studies:
+                studies[file_frames[0].study_instance_uid] = _study_info(ds)
+            frames.extend(file_frames)
+            if on_frame is not None:
+                for frame in file_frames:
+                    on_frame(frame)
+    return ReadResult(frames=frames, series=series, rejected=rejected, studies=studies,
+                      n_files=len(paths))
