@@ -13,6 +13,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "services.runtime.stack_cli",
     "services.gateway.cli",
+    "services.gateway.dicom_ingest",
     "services.preprocess.cli",
     "services.segmentation.cli",
     "training.cli",

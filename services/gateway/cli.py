@@ -120,9 +120,9 @@ def _analyze(args) -> int:
         _write_report(report, args.out)
         store = ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
                                      s3_secret_key=info.secret_key))
-        for name, ref in (("sr.dcm", report.sr), ("seg.dcm", report.seg)):
+        for ref in [report.sr, *report.segs]:
             if ref.key:
-                store.get_file(ref.bucket, ref.key, args.out / name)
+                store.get_file(ref.bucket, ref.key, args.out / ref.key.rsplit("/", 1)[1])
         print(f"{_summary(report.report_json)}; written to {args.out}")
         if last is not None and "failed" in last.message:
             return 1

@@ -120,12 +120,56 @@ class ReportBuilder:
                        for s in manifest.get("series", [])],
         }
 
+    def dicom_outputs(self, record: dict, report: dict) -> dict[str, bytes]:
+        """DICOM SEG (one per segmented phase: ED, ES) and the SR that references them."""
+        import io
+        import tempfile
+        from pathlib import Path
+
+        import nibabel as nib
+        import numpy as np
+
+        from services.gateway.dicom_sr import build_sr
+        from services.segmentation.dicom_seg import build_segs
+
+        stages = record["stages"]
+        labels_ref = stages["segmentation"]["outputs"].get("labels")
+        if stages["segmentation"]["state"] != "done" or not labels_ref:
+            return {}
+        manifest_ref = stages["preprocess"]["outputs"]["manifest"]
+        manifest = self.store.get_json(manifest_ref["bucket"], manifest_ref["key"])
+        with tempfile.TemporaryDirectory(prefix="cmrvl-report-") as tmp:
+            dicom_dir = Path(tmp) / "dicom"
+            prefix = record["dicom_prefix"]
+            self.store.download_prefix(prefix["bucket"], prefix["key"], dicom_dir)
+            labels_path = self.store.get_file(labels_ref["bucket"], labels_ref["key"], Path(tmp) / "labels.nii.gz")
+            labels = np.asarray(nib.load(labels_path).dataobj).astype(np.uint8)
+            segs = build_segs(dicom_dir, manifest, labels, report["models"]["segmentation"] or {},
+                              measurements=report["measurements"])
+            sr = build_sr(segs, dicom_dir, report)
+        ed, es = report["measurements"].get("ed_phase"), report["measurements"].get("es_phase")
+
+        def seg_name(phase: int) -> str:  # `seg.dcm` is the end-diastolic one
+            return "seg.dcm" if phase == ed else "seg_es.dcm" if phase == es else f"seg_phase{phase:02d}.dcm"
+
+        files = {seg_name(phase): seg for phase, seg in segs.items()}
+        files["sr.dcm"] = sr
+        encoded = {}
+        for name, dataset in files.items():
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            encoded[name] = buffer.getvalue()
+        return encoded
+
     def __call__(self, record: dict) -> dict:
         """The workflow's report stage: write every report object; returns their refs."""
         report = self.build(record)
         bucket, prefix = self.store.bucket("reports"), f"{record['study_id']}/"
-        outputs = {
-            "json": self.store.put_json(bucket, prefix + "report.json", report),
-            "text": self.store.put_bytes(bucket, prefix + "report.txt", render_text(report).encode(), "text/plain"),
-        }
+        outputs = {}
+        for name, data in self.dicom_outputs(record, report).items():
+            key = name.removesuffix(".dcm")
+            outputs[key] = self.store.put_bytes(bucket, prefix + name, data, "application/dicom")
+        report["dicom"] = {key: ref.key for key, ref in outputs.items()}
+        outputs["json"] = self.store.put_json(bucket, prefix + "report.json", report)
+        outputs["text"] = self.store.put_bytes(bucket, prefix + "report.txt", render_text(report).encode(), "text/plain")
         return {name: vars(ref) for name, ref in outputs.items()}

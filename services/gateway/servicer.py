@@ -190,6 +190,8 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
         for name in ("json", "text", "sr", "seg"):
             if name in outputs:
                 getattr(report, name).CopyFrom(common_pb2.ObjectRef(**outputs[name]))
+        report.segs.extend(common_pb2.ObjectRef(**ref) for name, ref in sorted(outputs.items())
+                           if name.startswith("seg"))
         report.report_json = self.store.get_bytes(outputs["json"]["bucket"], outputs["json"]["key"]).decode()
         report.report_text = self.store.get_bytes(outputs["text"]["bucket"], outputs["text"]["key"]).decode()
         return report

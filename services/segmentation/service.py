@@ -17,6 +17,9 @@ from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
 
 STAGE_PREFIX = "{study_id}/segmentation/"
+# The small LV-only model shipped with the project (see its MODEL_CARD.md): used only when
+# neither CMRVL_SEGMENTATION_MODEL_DIR nor the models bucket provides one.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
 def cine_series(manifest: dict) -> dict:
@@ -30,6 +33,7 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
     def __init__(self, store: ObjectStore, settings: Settings):
         self.store, self.settings = store, settings
         self._segmenter = None
+        self._is_default_model = False
         self._lock = threading.Lock()
 
     def segmenter(self):
@@ -39,6 +43,14 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
                 from services.segmentation.inference import load_segmenter
 
                 model_dir = self.settings.segmentation_model_dir or self._download_model()
+                if model_dir is None and DEFAULT_MODEL_DIR.is_dir():
+                    model_dir, self._is_default_model = str(DEFAULT_MODEL_DIR), True
+                if model_dir is None:
+                    raise StageError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"no segmentation model installed: nothing under s3://{self.store.bucket('models')}/"
+                        f"triton/{self.settings.segmentation_model}/ and CMRVL_SEGMENTATION_MODEL_DIR unset",
+                    )
                 backend = "triton" if self.settings.triton_url else "onnxruntime"
                 self._segmenter = load_segmenter(
                     model_dir, backend=backend, triton_url=self.settings.triton_url or None,
@@ -46,15 +58,12 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
                 )
             return self._segmenter
 
-    def _download_model(self) -> str:
+    def _download_model(self) -> str | None:
+        """The model repository folder from the models bucket, or None when it holds none."""
         prefix = f"triton/{self.settings.segmentation_model}/"
         folder = Path(tempfile.mkdtemp(prefix="cmrvl-model-")) / self.settings.segmentation_model
         if not self.store.download_prefix(self.store.bucket("models"), prefix, folder):
-            raise StageError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"no segmentation model installed: nothing under s3://{self.store.bucket('models')}/{prefix} "
-                "and CMRVL_SEGMENTATION_MODEL_DIR unset",
-            )
+            return None
         return str(folder)
 
     @grpc_errors
@@ -88,7 +97,8 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
             name=segmenter.model_name, version=str(segmenter.model_version),
             backend="triton" if self.settings.triton_url else "onnxruntime",
         )
-        measurements["model"] = {"name": model.name, "version": model.version, "backend": model.backend}
+        measurements["model"] = {"name": model.name, "version": model.version, "backend": model.backend,
+                                 "default_model": self._is_default_model}
         measurements_ref = self.store.put_bytes(
             artifacts, prefix + "measurements.json", json.dumps(measurements, indent=2, default=float).encode(),
             "application/json",

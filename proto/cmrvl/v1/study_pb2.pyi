@@ -136,7 +136,7 @@ class GetReportRequest(_message.Message):
     def __init__(self, study_id: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("study_id", "status", "report_json", "report_text", "json", "text", "sr", "seg")
+    __slots__ = ("study_id", "status", "report_json", "report_text", "json", "text", "sr", "seg", "segs")
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class Report(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SR_FIELD_NUMBER: _ClassVar[int]
     SEG_FIELD_NUMBER: _ClassVar[int]
+    SEGS_FIELD_NUMBER: _ClassVar[int]
     study_id: str
     status: StudyStatus
     report_json: str
@@ -153,7 +154,8 @@ class Report(_message.Message):
     text: _common_pb2.ObjectRef
     sr: _common_pb2.ObjectRef
     seg: _common_pb2.ObjectRef
-    def __init__(self, study_id: _Optional[str] = ..., status: _Optional[_Union[StudyStatus, str]] = ..., report_json: _Optional[str] = ..., report_text: _Optional[str] = ..., json: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., sr: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., seg: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ...) -> None: ...
+    segs: _containers.RepeatedCompositeFieldContainer[_common_pb2.ObjectRef]
+    def __init__(self, study_id: _Optional[str] = ..., status: _Optional[_Union[StudyStatus, str]] = ..., report_json: _Optional[str] = ..., report_text: _Optional[str] = ..., json: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., sr: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., seg: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., segs: _Optional[_Iterable[_Union[_common_pb2.ObjectRef, _Mapping]]] = ...) -> None: ...
 
 class ListStudiesRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "status")
