@@ -91,3 +91,25 @@ def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path)
     assert final.error.startswith("preprocess failed: UNAVAILABLE")
     assert {s.stage: s.attempts for s in final.stages}[common_pb2.STAGE_PREPROCESS] == 1  # one stage run, retried inside
     assert events[-1].status == study_pb2.STUDY_STATUS_FAILED
+
+
+def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
+    folder = require(SUNNYBROOK_STUDY)
+    own_stack.stop_service("segmentation")
+    client = _client(own_stack)
+    study = client.submit_folder(folder, f"cancel-{uuid.uuid4().hex[:6]}")
+
+    def segmentation_running():
+        stages = {s.stage: s for s in client.get_study(study.study_id).stages}
+        return stages[common_pb2.STAGE_SEGMENTATION].state == "running"
+
+    _wait_for(segmentation_running, what="segmentation retrying")
+    client.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study.study_id), metadata=client.metadata)
+    events = list(client.watch(study.study_id, timeout_s=120))
+    final = client.get_study(study.study_id)
+    with pytest.raises(Exception) as err:
+        client.get_report(study.study_id)
+    client.close()
+    assert final.status == study_pb2.STUDY_STATUS_CANCELLED
+    assert events[-1].message == "study cancelled"
+    assert "FAILED_PRECONDITION" in str(err.value.code())

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
 from services.gateway.records import STAGES, TERMINAL, RecordStore
-from services.runtime.clients import call_with_retry, open_channel
+from services.runtime.clients import CallAbandoned, call_with_retry, open_channel
 from services.runtime.settings import Settings
 
 log = logging.getLogger("cmrvl.workflow")
@@ -141,6 +141,7 @@ class Workflow:
                                    + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0)
         except Cancelled:
             record["status"] = "cancelled"
+            STUDIES_FINISHED.labels("cancelled").inc()
             self.records.add_event(record, record["current_stage"], "study cancelled")
 
     def _run_stage(self, record: dict, stage: str) -> None:
@@ -155,6 +156,9 @@ class Workflow:
                 outputs = self._call(record, stage)
             state.update(state="done", outputs=outputs)
             message = f"{stage} done"
+        except CallAbandoned:
+            state.update(state="pending", seconds=round(state["seconds"] + time.perf_counter() - started, 3))
+            raise Cancelled() from None
         except grpc.RpcError as exc:
             state["error"] = f"{exc.code().name}: {exc.details()}"
             skippable = SKIPPABLE.get(stage)
@@ -210,6 +214,7 @@ class Workflow:
             self.stubs[stage], request, timeout_s=self.settings.stage_timeout_s,
             token=self.settings.internal_token, attempts=self.settings.stage_attempts,
             backoff_s=self.settings.retry_backoff_s, what=f"{study_id} {stage}",
+            still_wanted=lambda: not self.records.cancel_requested(study_id),
         )
         result = {}
         for field, value in response.ListFields():

@@ -37,8 +37,12 @@ def remaining_timeout(context: grpc.ServicerContext | None, default_s: float) ->
     return default_s if remaining is None else max(0.001, min(default_s, remaining))
 
 
+class CallAbandoned(Exception):
+    """The caller stopped wanting the result (e.g. the study was cancelled) between retries."""
+
+
 def call_with_retry(method, request, *, timeout_s: float, token: str = "", attempts: int = 3,
-                    backoff_s: float = 1.0, what: str = "call"):
+                    backoff_s: float = 1.0, what: str = "call", still_wanted=lambda: True):
     """Unary call with exponential backoff (+ jitter) on UNAVAILABLE / DEADLINE_EXCEEDED."""
     for attempt in range(1, attempts + 1):
         try:
@@ -46,6 +50,8 @@ def call_with_retry(method, request, *, timeout_s: float, token: str = "", attem
         except grpc.RpcError as exc:
             if exc.code() not in RETRYABLE or attempt == attempts:
                 raise
+            if not still_wanted():
+                raise CallAbandoned(what) from exc
             delay = backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 2)
             log.warning("%s: %s (%s), retry %d/%d in %.1fs", what, exc.code().name, exc.details(),
                         attempt, attempts - 1, delay)
