@@ -1,0 +1,129 @@
+"""Gateway overhead per study and studies per minute, with the stages stubbed at a fixed latency.
+
+The real gateway process and the real S3 server run as in `cmrvl up`; the three stage services
+are replaced by in-process stubs that sleep `--latency` seconds and return pre-made artifacts, so
+everything measured beyond the stubs' sleep is the gateway's own cost (upload, records, events,
+report). Prints the numbers; asserts nothing.
+
+    .venv/bin/python tests/bench/bench_gateway.py [--studies 20] [--latency 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc  # noqa: E402
+from services.gateway.client import StudyClient  # noqa: E402
+from services.runtime.settings import Settings  # noqa: E402
+from services.runtime.stack import Stack, free_base_port  # noqa: E402
+from services.runtime.storage import ObjectStore  # noqa: E402
+from tests.dicom_factory import write_cine_study  # noqa: E402
+
+
+class StubStages(stages_pb2_grpc.PreprocessServiceServicer, stages_pb2_grpc.SegmentationServiceServicer,
+                 stages_pb2_grpc.FindingsServiceServicer):
+    def __init__(self, store: ObjectStore, latency_s: float):
+        self.latency_s = latency_s
+        bucket = store.bucket("artifacts")
+        self.manifest = self._put(store, bucket, "bench/manifest.json", {"study_instance_uid": "1.2.3", "series": []})
+        self.measurements = self._put(store, bucket, "bench/measurements.json", {"lv_ef_pct": 60.0, "quality": []})
+        self.findings = self._put(store, bucket, "bench/findings.json", {"findings": [], "model": None})
+
+    @staticmethod
+    def _put(store, bucket, key, document):
+        ref = store.put_json(bucket, key, document)
+        return common_pb2.ObjectRef(bucket=ref.bucket, key=ref.key)
+
+    def Preprocess(self, request, context):
+        time.sleep(self.latency_s)
+        return stages_pb2.PreprocessResponse(manifest=self.manifest)
+
+    def Segment(self, request, context):
+        time.sleep(self.latency_s)
+        return stages_pb2.SegmentResponse(measurements=self.measurements)
+
+    def GenerateFindings(self, request, context):
+        time.sleep(self.latency_s)
+        return stages_pb2.FindingsResponse(findings=self.findings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--latency", type=float, default=0.2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        stack = Stack(tmp / "stack")
+        info = stack.up(base_port=free_base_port(), extra_env={
+            "CMRVL_WORKFLOW_WORKERS": "8", "CMRVL_PREPROCESS_CONCURRENCY": "4",
+            "CMRVL_SEGMENTATION_CONCURRENCY": "4", "CMRVL_FINDINGS_CONCURRENCY": "4"})
+        try:
+            store = ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
+                                         s3_secret_key=info.secret_key))
+            servers = []
+            stubs = StubStages(store, args.latency)
+            for stage, add in (("preprocess", stages_pb2_grpc.add_PreprocessServiceServicer_to_server),
+                               ("segmentation", stages_pb2_grpc.add_SegmentationServiceServicer_to_server),
+                               ("findings", stages_pb2_grpc.add_FindingsServiceServicer_to_server)):
+                stack.stop_service(stage)
+                server = grpc.server(futures.ThreadPoolExecutor(16))
+                add(stubs, server)
+                server.add_insecure_port(info.target(stage))
+                server.start()
+                servers.append(server)
+            folders = []
+            for i in range(args.studies):
+                folder = tmp / f"study{i}"
+                write_cine_study(folder, n_slices=4, n_phases=5, rows=32, cols=32, seed=i)
+                folders.append(folder)
+
+            def run(folder: Path) -> float:
+                client = StudyClient(info.target("gateway"), info.ris_token)
+                try:
+                    started = time.perf_counter()
+                    study = client.submit_folder(folder, folder.name)
+                    for _ in client.watch(study.study_id):
+                        pass
+                    return time.perf_counter() - started
+                finally:
+                    client.close()
+
+            sequential = [run(folders[0])] + [run(f) for f in folders[1:3]]
+            stage_time = 3 * args.latency
+            overhead = statistics.median(sequential) - stage_time
+            burst = folders[3:]
+            started = time.perf_counter()
+            with futures.ThreadPoolExecutor(len(burst)) as pool:
+                list(pool.map(run, burst))
+            elapsed = time.perf_counter() - started
+            print(json.dumps({
+                "stage_latency_s": args.latency,
+                "end_to_end_median_s": round(statistics.median(sequential), 3),
+                "gateway_overhead_per_study_s": round(overhead, 3),
+                "overhead_ratio_to_stage_time": round(overhead / stage_time, 3),
+                "burst_studies": len(burst),
+                "studies_per_minute": round(60 * len(burst) / elapsed, 1),
+                "ideal_studies_per_minute_at_concurrency_4": round(60 * 4 / stage_time, 1),
+            }, indent=2))
+            for server in servers:
+                server.stop(0)
+        finally:
+            stack.down()
+
+
+if __name__ == "__main__":
+    main()
