@@ -77,6 +77,8 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
         manifest = self.store.get_json(request.manifest.bucket, request.manifest.key)
         series = cine_series(manifest)
         manifest_dir = request.manifest.key.rsplit("/", 1)[0]
+        from services.segmentation.backends import BackendTimeout, BackendUnavailable, InvalidInput
+
         segmenter = self.segmenter()
         with tempfile.TemporaryDirectory(prefix="cmrvl-seg-") as tmp:
             cine_path = self.store.get_file(request.manifest.bucket, f"{manifest_dir}/{series['volume']}", Path(tmp) / "cine.nii.gz")
@@ -84,7 +86,14 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
             image = np.asarray(cine.dataobj, dtype=np.float32)
             if image.ndim != 4:
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"cine volume must be 4D, got shape {image.shape}")
-            labels = segmenter.segment_cine(image, cine.affine).astype(np.uint8)
+            try:
+                labels = segmenter.segment_cine(image, cine.affine).astype(np.uint8)
+            except BackendUnavailable as exc:
+                raise StageError(grpc.StatusCode.UNAVAILABLE, f"segmentation model server unavailable: {exc}") from None
+            except BackendTimeout as exc:
+                raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, f"segmentation model server too slow: {exc}") from None
+            except InvalidInput as exc:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"cine rejected by the model: {exc}") from None
             labels_path = Path(tmp) / "labels.nii.gz"
             nib.save(nib.Nifti1Image(labels, cine.affine), labels_path)
             patient = manifest.get("patient", {})
@@ -94,7 +103,7 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
             prefix = STAGE_PREFIX.format(study_id=request.study_id)
             labels_ref = self.store.put_file(artifacts, prefix + "labels.nii.gz", labels_path)
         model = common_pb2.ModelInfo(
-            name=segmenter.model_name, version=str(segmenter.model_version),
+            name=Path(segmenter.model_dir).name, version=str(segmenter.version),
             backend="triton" if self.settings.triton_url else "onnxruntime",
         )
         measurements["model"] = {"name": model.name, "version": model.version, "backend": model.backend,

@@ -1,0 +1,226 @@
+"""Cine segmentation with nnU-Net's own pre/post-processing around a pluggable network backend.
+
+What is nnU-Net's (reused, not re-implemented): preprocessing (transpose, crop to non-zero,
+resampling to the plans' spacing, normalisation) via the plans' preprocessor; sliding-window tiles
+(``compute_steps_for_sliding_window`` through ``_internal_get_sliding_window_slicers``), padding,
+Gaussian importance weighting, tile step, test-time mirroring axes from the checkpoint; and the
+resampling of logits back to the original geometry. What is ours: the network forward pass goes
+to a backend (backends.py) in batches of tiles - tiles from all slices and all cine phases, all
+mirrored variants of a tile in the same batch - instead of one patch per call.
+
+    seg = load_segmenter("models/triton", backend="triton", triton_url="triton:8001")
+    labels_4d = seg.segment_cine(image_4d, affine)   # (x, y, slice, phase), uint8 0..3
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+from services.segmentation.backends import (Backend, BackendTimeout, BackendUnavailable, FallbackBackend,
+                                            InvalidInput, OnnxRuntimeBackend, SegmentationError, TritonBackend)
+from services.segmentation.model_layout import (MODEL_NAME, label_lut, latest_version, read_layout,
+                                                resolve_model_dir)
+
+__all__ = ["Segmenter", "BackendPredictor", "load_segmenter", "labels_nifti", "SegmentationError", "BackendUnavailable",
+           "BackendTimeout", "InvalidInput"]
+
+
+class _BackendNetwork(torch.nn.Module):
+    """Stands where nnU-Net expects its network (no parameters; forward goes to the backend)."""
+
+    def __init__(self, backend: Backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.backend.infer(x.detach().cpu().numpy()))
+
+
+class BackendPredictor(nnUNetPredictor):
+    """nnUNetPredictor whose sliding window sends batches of tiles to a backend.
+
+    Everything else is the stock predictor, so ``predict_single_npy_array`` and
+    ``predict_from_files`` work unchanged on top of the backend.
+    """
+
+    def __init__(self, backend: Backend, layout: dict, *, tile_step_size: float = 0.5,
+                 use_gaussian: bool = True, use_mirroring: bool = True, tiles_per_call: int | None = None):
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
+                         perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                         verbose_preprocessing=False, allow_tqdm=False)
+        info = layout["inference"]
+        plans_manager = PlansManager(layout["plans"])
+        mirror = info.get("inference_allowed_mirroring_axes")
+        self.manual_initialization(_BackendNetwork(backend), plans_manager,
+                                   plans_manager.get_configuration(info["configuration"]), [{}],
+                                   layout["dataset"], info["source"].get("trainer_name") or "nnUNetTrainer",
+                                   tuple(mirror) if mirror is not None else None)
+        self.backend = backend
+        n_variants = len(self._mirror_combinations()) + 1
+        self.tiles_per_call = tiles_per_call or max(1, 4 * backend.max_batch_size // n_variants)
+        self.last_tile_count = 0
+
+    def _mirror_combinations(self) -> list[tuple[int, ...]]:
+        # Same axis combinations, same order as nnUNetPredictor._internal_maybe_mirror_and_predict.
+        if not self.use_mirroring or self.allowed_mirroring_axes is None:
+            return []
+        axes = [m + 2 for m in self.allowed_mirroring_axes]
+        return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+    @torch.inference_mode()
+    def _mirror_and_predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Batched _internal_maybe_mirror_and_predict: all mirrored copies in the same backend call."""
+        combos = self._mirror_combinations()
+        stacked = torch.cat([x, *[torch.flip(x, axes) for axes in combos]], 0)
+        out = torch.from_numpy(self.backend.infer(stacked.numpy())).split(len(x), 0)
+        prediction = out[0].clone()
+        for axes, o in zip(combos, out[1:]):
+            prediction += torch.flip(o, axes)
+        if combos:
+            prediction /= (len(combos) + 1)
+        return prediction
+
+    @torch.inference_mode()
+    def predict_logits_many(self, volumes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """predict_sliding_window_return_logits for several preprocessed volumes [c, *spatial] at once:
+        their tiles share backend batches. Accumulation follows nnU-Net (fp16 sums, Gaussian weights)."""
+        patch = self.configuration_manager.patch_size
+        n_heads = self.label_manager.num_segmentation_heads
+        jobs = []
+        for volume in volumes:
+            if volume.ndim != 4:
+                raise InvalidInput(f"preprocessed volume must be [c, x, y, z], got {tuple(volume.shape)}")
+            data, revert = pad_nd_image(volume, patch, "constant", {"value": 0}, True, None)
+            jobs.append(dict(data=data, revert=revert, slicers=self._internal_get_sliding_window_slicers(data.shape[1:]),
+                             logits=torch.zeros((n_heads, *data.shape[1:]), dtype=torch.half),
+                             n=torch.zeros(data.shape[1:], dtype=torch.half)))
+        gaussian = compute_gaussian(tuple(patch), sigma_scale=1. / 8, value_scaling_factor=10,
+                                    device=torch.device("cpu")) if self.use_gaussian else 1
+        tiles = [(job, sl) for job in jobs for sl in job["slicers"]]
+        self.last_tile_count = len(tiles)  # for logs and metrics: tiles of the last call
+        for start in range(0, len(tiles), self.tiles_per_call):
+            chunk = tiles[start:start + self.tiles_per_call]
+            x = torch.stack([job["data"][sl] for job, sl in chunk]).float().contiguous()
+            predictions = self._mirror_and_predict_batch(x)
+            for (job, sl), prediction in zip(chunk, predictions):
+                if self.use_gaussian:
+                    prediction *= gaussian
+                job["logits"][sl] += prediction
+                job["n"][sl[1:]] += gaussian
+        results = []
+        for job in jobs:
+            logits = torch.div(job["logits"], job["n"], out=job["logits"])
+            if torch.any(torch.isinf(logits)):
+                raise SegmentationError("inf in the accumulated logits (fp16 overflow)")
+            results.append(logits[(slice(None), *job["revert"][1:])])
+        return results
+
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        return self.predict_logits_many([input_image])[0]
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel spacing (mm) along the array axes: the column norms of the affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InvalidInput(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InvalidInput(f"affine has a zero-length axis: spacing {spacing.tolist()}")
+    return spacing
+
+
+class Segmenter:
+    """Segments cine volumes (x = DICOM column, y = row, z = slice, t = phase) into CMR-VL labels."""
+
+    def __init__(self, predictor: BackendPredictor, lut: np.ndarray, model_dir: Path, version: int):
+        self.predictor, self.lut, self.model_dir, self.version = predictor, lut, model_dir, version
+        self._preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+
+    def segment_volume(self, image_3d: np.ndarray, affine) -> np.ndarray:
+        return self.segment_cine(np.asarray(image_3d)[..., None], affine)[..., 0]
+
+    def segment_cine(self, image_4d: np.ndarray, affine) -> np.ndarray:
+        """Labels (uint8, same shape as ``image_4d``) for every phase; the affine is unchanged."""
+        image = np.asarray(image_4d)
+        if image.ndim == 3:
+            image = image[..., None]
+        if image.ndim != 4 or min(image.shape) < 1:
+            raise InvalidInput(f"expected an image (x, y, slice, phase), got shape {np.shape(image_4d)}")
+        if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+            raise InvalidInput(f"expected a real-valued image, got dtype {image.dtype}")
+        if not np.all(np.isfinite(image)):
+            raise InvalidInput("image contains NaN or inf")
+        sx, sy, sz = spacing_from_affine(affine)
+        p = self.predictor
+        # nnU-Net works in SimpleITK's (z, y, x) order; this is exactly what nnUNetv2_predict sees when
+        # it reads the same volume from a NIfTI file.
+        properties, volumes = [], []
+        for t in range(image.shape[3]):
+            zyx = np.ascontiguousarray(image[..., t].transpose(2, 1, 0), dtype=np.float32)[None]
+            data, _, props = self._preprocessor.run_case_npy(zyx, None, {"spacing": [sz, sy, sx]}, p.plans_manager,
+                                                             p.configuration_manager, p.dataset_json)
+            volumes.append(torch.from_numpy(data))
+            properties.append(props)
+        logits = p.predict_logits_many(volumes)
+        labels = np.empty(image.shape, np.uint8)
+        for t, (lg, props) in enumerate(zip(logits, properties)):
+            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+                lg.numpy(), p.plans_manager, p.configuration_manager, p.label_manager, props, num_threads_torch=1)
+            labels[..., t] = self.lut[seg.transpose(2, 1, 0)]
+        return labels
+
+    def close(self) -> None:
+        self.predictor.backend.close()
+
+
+def labels_nifti(labels: np.ndarray, affine) -> "nibabel.Nifti1Image":
+    """The label map as NIfTI in the source geometry (same affine), uint8, NIFTI_INTENT_LABEL."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.asarray(labels, np.uint8), np.asarray(affine, np.float64))
+    image.header.set_intent("label")
+    image.header.set_xyzt_units("mm", "sec")
+    return image
+
+
+def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime", *, triton_url: str | None = None,
+                   model_name: str = MODEL_NAME, version: int | None = None, timeout_s: float = 60.0,
+                   max_attempts: int = 4, fallback: bool = False, use_mirroring: bool = True,
+                   threads: int | None = None) -> Segmenter:
+    """Segmenter for the model layout at ``model_dir_or_layout`` (repository or model folder).
+
+    backend "onnxruntime": the version's model.onnx in this process. backend "triton": the same
+    model on Triton at ``triton_url`` (host:grpc_port), which must serve this layout; only the
+    version's JSON files are read locally, unless ``fallback=True``: then the local model.onnx runs
+    in-process whenever Triton stays unavailable after its retries.
+    """
+    model_dir = resolve_model_dir(model_dir_or_layout, model_name)
+    version = int(version) if version is not None else latest_version(model_dir)
+    version_dir = model_dir / str(version)
+    layout = read_layout(version_dir)
+    info = layout["inference"]
+    if backend == "onnxruntime":
+        net = OnnxRuntimeBackend(version_dir / "model.onnx", info["input_name"], info["output_name"],
+                                 info.get("max_batch_size", 32), threads=threads)
+    elif backend == "triton":
+        if not triton_url:
+            raise ValueError("backend 'triton' needs triton_url (host:port of Triton's gRPC endpoint)")
+        net = TritonBackend(triton_url, model_name, str(version), info["input_name"], info["output_name"],
+                            info.get("max_batch_size", 32), timeout_s=timeout_s, max_attempts=max_attempts)
+        if fallback:
+            net = FallbackBackend(net, OnnxRuntimeBackend(version_dir / "model.onnx", info["input_name"],
+                                                          info["output_name"], info.get("max_batch_size", 32),
+                                                          threads=threads))
+    else:
+        raise ValueError(f"unknown backend {backend!r} (onnxruntime or triton)")
+    predictor = BackendPredictor(net, layout, use_mirroring=use_mirroring)
+    return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version)
