@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "services.preprocess.cli",
     "services.segmentation.cli",
     "training.cli",
+    "services.findings.models_cli",
 ]
 
 

@@ -12,6 +12,7 @@ if [ "$dev" = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   bash infra/tools/install-chart-tools.sh
   bash infra/tools/install-triton.sh
+  bash infra/tools/install-vllm.sh
 else
   .venv/bin/python -m pip install -q -e .
 fi

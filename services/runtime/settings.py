@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     segmentation_model_dir: str = ""
     vlm_base_url: str = ""  # OpenAI-compatible base URL (KServe: .../openai/v1); empty = none
     vlm_model: str = "cmr-vl"
+    vlm_model_version: str = ""
+    vlm_api_key: str = ""
+    vlm_timeout_s: float = Field(120.0, gt=0)
+    vlm_max_attempts: int = Field(4, ge=1, le=20)
+    vlm_concurrency: int = Field(4, ge=1, le=64)
+    # Embedded backend: a local Qwen2.5-VL folder run in-process with transformers, used when
+    # CMRVL_VLM_BASE_URL is empty (machines without a model server).
+    vlm_model_dir: str = ""
 
     @field_validator("log_level")
     @classmethod
