@@ -113,3 +113,31 @@ def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
     assert final.status == study_pb2.STUDY_STATUS_CANCELLED
     assert events[-1].message == "study cancelled"
     assert "FAILED_PRECONDITION" in str(err.value.code())
+
+
+def test_findings_server_down_still_delivers_the_measurements_as_a_partial_report(tmp_path):
+    import json
+
+    from services.runtime.stack import Stack, free_base_port
+
+    folder = require(SUNNYBROOK_STUDY)
+    stack = Stack(tmp_path / "stack")
+    stack.up(base_port=free_base_port(), extra_env={
+        "CMRVL_VLM_BASE_URL": "http://127.0.0.1:9/v1", "CMRVL_VLM_MAX_ATTEMPTS": "1",
+        "CMRVL_STAGE_ATTEMPTS": "2", "CMRVL_RETRY_BACKOFF_S": "0.1"})
+    try:
+        client = _client(stack)
+        study = client.submit_folder(folder, "vlm-down")
+        list(client.watch(study.study_id, timeout_s=600))
+        final = client.get_study(study.study_id)
+        report = json.loads(client.get_report(study.study_id).report_json)
+        client.close()
+    finally:
+        stack.down()
+    assert final.status == study_pb2.STUDY_STATUS_PARTIAL
+    stages = {s.stage: s for s in final.stages}
+    assert stages[common_pb2.STAGE_SEGMENTATION].state == "done"  # the shipped default model
+    assert report["measurements"]["lv_edv_ml"] > 0
+    assert stages[common_pb2.STAGE_FINDINGS].state == "skipped"
+    assert "UNAVAILABLE" in stages[common_pb2.STAGE_FINDINGS].error
+    assert any(q["code"] == "findings_not_run" and "UNAVAILABLE" in q["message"] for q in report["quality"])

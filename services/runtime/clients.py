@@ -14,6 +14,7 @@ log = logging.getLogger("cmrvl.client")
 
 # Safe to retry because stage outputs live under deterministic keys.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_BACKOFF_S = 30.0
 
 
 def open_channel(target: str, max_message_mb: int = 64, tls_root: bytes | None = None) -> grpc.Channel:
@@ -52,7 +53,7 @@ def call_with_retry(method, request, *, timeout_s: float, token: str = "", attem
                 raise
             if not still_wanted():
                 raise CallAbandoned(what) from exc
-            delay = backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 2)
+            delay = min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S) * (1 + random.random() / 2)
             log.warning("%s: %s (%s), retry %d/%d in %.1fs", what, exc.code().name, exc.details(),
                         attempt, attempts - 1, delay)
             time.sleep(delay)
