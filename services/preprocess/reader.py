@@ -113,7 +113,7 @@ class ReadResult:
 
 
 @contextmanager
-def _quiet_pydicom():
+def quiet_pydicom():
     """Real data has invalid UIDs and odd VRs: read them as they are, without warnings."""
     cfg = pydicom.config.settings
     saved = cfg.reading_validation_mode
@@ -413,7 +413,7 @@ def read_folder(folder: Path, on_frame: Callable[[Frame], None] | None = None) -
     rejected: list[Rejected] = []
     studies: dict[str, dict] = {}
     paths = list_files(folder)
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for path in paths:
             rel = path.relative_to(folder).as_posix()
             try:

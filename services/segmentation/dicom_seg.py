@@ -45,7 +45,6 @@ import hashlib
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +52,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from services.preprocess.reader import quiet_pydicom
 from services.segmentation.function import CLASS_NAMES
 
 SEG_SERIES_NUMBER = 9001  # far from scanner series numbers; the SR uses 9002
@@ -68,20 +68,6 @@ def segment_codes() -> dict[int, tuple[str, object]]:
         2: (CLASS_NAMES[2], codes.SCT.LeftVentricleMyocardium),  # 49848007, CID 12305
         3: (CLASS_NAMES[3], codes.SCT.RightVentricle),  # 53085002, CID 7152
     }
-
-
-@contextmanager
-def quiet_pydicom():
-    """Read real data with invalid UIDs/values as it is, without a warning per file."""
-    cfg = pydicom.config.settings
-    saved = cfg.reading_validation_mode
-    cfg.reading_validation_mode = pydicom.config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        cfg.reading_validation_mode = saved
 
 
 # Namespace of the name-based UUIDs behind every UID this project derives.
