@@ -15,6 +15,8 @@ from services.cli import CommandError
 # Modules that contribute `cmrvl train` subcommands (each defines `register_train(train_subparsers)`).
 TRAIN_SUBCOMMAND_MODULES = [
     "training.cli",  # nnunet-dataset (below)
+    "training.nnunet.train",  # nnunet
+    "training.vlm.cli",  # vqa-dataset
 ]
 
 

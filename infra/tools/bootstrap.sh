@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: `.venv/` with the `cmrvl` command; with --dev also the test tooling
-# (pytest, the Helm/kubernetes-validate/checkov tools, a Triton server in its own venv).
+# Set up a fresh machine: `.venv/` with the `cmrvl` command; with --dev also the test tooling:
+# the Helm/kubernetes-validate/checkov tools, and the servers with pins of their own, each in its
+# own venv under .venvs/ (Triton: numpy<2; vLLM: torch 2.13 CPU; training: llamafactory + Ray).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dev=0
@@ -8,13 +9,26 @@ dev=0
 py="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ "$dev" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  bash infra/tools/install-chart-tools.sh
-  bash infra/tools/install-triton.sh
-  bash infra/tools/install-vllm.sh
-else
+if [ "$dev" = 0 ]; then
   .venv/bin/python -m pip install -q -e .
+else
+  # The side venvs are independent: install them while the main one installs.
+  mkdir -p .venvs
+  pids=()
+  for tool in chart triton vllm train; do
+    bash "infra/tools/install-$tool.sh" > ".venvs/install-$tool.log" 2>&1 &
+    pids+=("$!:$tool")
+  done
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  failed=0
+  for entry in "${pids[@]}"; do
+    if ! wait "${entry%%:*}"; then
+      echo "install-${entry##*:}.sh failed:" >&2
+      tail -n 30 ".venvs/install-${entry##*:}.log" >&2
+      failed=1
+    fi
+  done
+  [ "$failed" = 0 ]
 fi
 .venv/bin/cmrvl --help > /dev/null
 echo "bootstrap done: .venv/bin/cmrvl"

@@ -26,6 +26,18 @@ SERIES_FOR_INPUT = {"cine": "cine_sax", "lge": "lge_sax", "t2": "t2_sax"}
 MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
 
 
+def input_volumes(manifest: dict) -> dict[str, str]:
+    """Relative path of the volume each visual input is made from ({"cine": ..., "lge": ...})."""
+    from services.preprocess.study import primary_series
+
+    volumes = {}
+    for name, kind in SERIES_FOR_INPUT.items():
+        series = primary_series(manifest, kind)
+        if series is not None:
+            volumes[name] = series["volume"]
+    return volumes
+
+
 def prepare_inputs(volume_paths: dict[str, Path], labels_path: Path, out_dir: Path):
     """Build every catalog task's visual input that the study allows.
 
@@ -56,12 +68,8 @@ class FindingsServicer(stages_pb2_grpc.FindingsServiceServicer):
 
     def _download_volumes(self, manifest: dict, manifest_ref, folder: Path) -> dict[str, Path]:
         manifest_dir = manifest_ref.key.rsplit("/", 1)[0]
-        paths = {}
-        for name, kind in SERIES_FOR_INPUT.items():
-            series = next((s for s in manifest.get("series", []) if s.get("kind") == kind), None)
-            if series is not None:
-                paths[name] = self.store.get_file(manifest_ref.bucket, f"{manifest_dir}/{series['volume']}",
-                                                  folder / f"{name}.nii.gz")
+        paths = {name: self.store.get_file(manifest_ref.bucket, f"{manifest_dir}/{volume}", folder / f"{name}.nii.gz")
+                 for name, volume in input_volumes(manifest).items()}
         if "cine" not in paths:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "manifest has no short-axis cine series")
         return paths

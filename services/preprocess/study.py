@@ -463,3 +463,10 @@ def load_volume(out_dir: Path, entry: dict):
 
 __all__ = ["KINDS", "MANIFEST_NAME", "NoUsableCine", "classify", "load_volume",
            "nifti_header", "preprocess_study", "write_grid", "write_nifti"]
+
+
+def primary_series(manifest: dict, kind: str) -> dict | None:
+    """The manifest's series to use for `kind` (its `primary` choice), or None if the study has none."""
+    uid = manifest.get("primary", {}).get(kind)
+    candidates = [s for s in manifest.get("series", []) if s.get("kind") == kind and s.get("volume")]
+    return next((s for s in candidates if s.get("series_instance_uid") == uid), candidates[0] if candidates else None)

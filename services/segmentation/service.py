@@ -23,10 +23,12 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
 def cine_series(manifest: dict) -> dict:
-    for series in manifest.get("series", []):
-        if series.get("kind") == "cine_sax":
-            return series
-    raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "manifest has no short-axis cine series")
+    from services.preprocess.study import primary_series
+
+    series = primary_series(manifest, "cine_sax")
+    if series is None:
+        raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "manifest has no short-axis cine series")
+    return series
 
 
 class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
