@@ -233,6 +233,10 @@ def test_findings_calls_the_inference_service_openai_route():
     assert int(args["--max-model-len"]) >= 5120
     mm = json.loads(args["--limit-mm-per-prompt"])
     assert mm["image"] >= 10 and mm["video"] >= 1
+    # vLLM must sample videos at the frame rate the model was trained with (one source: the catalog).
+    from services.findings.catalog import get_task
+
+    assert json.loads(args["--media-io-kwargs"]) == {"video": {"fps": get_task("wall_motion").visual["fps"]}}
     assert args["--dtype"] == "bfloat16"
     assert re.fullmatch(r"s3://cmrvl-models/vlm/[^/]+/[^/]+", model["storageUri"])
     assert model["resources"]["limits"]["nvidia.com/gpu"] >= 1
