@@ -140,6 +140,7 @@ def stage_dataset(src: Path, dst: Path, label_set: str) -> dict:
         labels["ignore"] = max(labels.values()) + 1
     dataset["labels"] = labels
     dataset["label_policy"] = {"label_set": label_set, "partial_sources": {k: sorted(v) for k, v in PARTIAL_SOURCES.items()},
+                               "es_wall_ring_mm": ES_WALL_RING_MM,
                                "staged_from": str(src)}
     (dst / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
     if (src / "splits_final.json").is_file():
@@ -226,8 +227,6 @@ def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str,
     plans = json.loads(plans_path.read_text())
     plans["continue_training"] = True  # what nnunetv2.run.run_training records for --c
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     trainer = classes[spec["trainer"]](plans, configuration, fold, dataset_json, device=dev)
     if epochs is not None:
         trainer.num_epochs = epochs

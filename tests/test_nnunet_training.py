@@ -1,0 +1,177 @@
+"""`cmrvl train nnunet` (training/nnunet/train.py, evaluate.py) and the shipped default model.
+
+- The label policy turns unknown pixels of partially annotated cases into nnU-Net's ignore label.
+- A tiny end-to-end run: synthetic phantoms -> nnU-Net plan/preprocess -> a few iterations with the
+  reduced profile -> export -> evaluation.json -> the layout loads and predicts; a second run
+  continues from the checkpoint instead of training again.
+- services/segmentation/default_model (trained on Sunnybrook by the same command) loads and
+  segments the Sunnybrook study's ED phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "services" / "segmentation" / "default_model"
+SUNNYBROOK = REPO / ".." / "shared" / "data" / "sunnybrook"
+
+
+def _cmrvl(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _summary(stdout: str) -> dict:
+    """The JSON summary `cmrvl train nnunet` prints last (nnU-Net prints its own log before it)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+# ---------------------------------------------------------------- CLI and label policy
+
+def test_train_nnunet_help():
+    result = _cmrvl("train", "nnunet", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--raw", "--dataset-id", "--configuration", "--fold", "--work", "--profile", "--export-to",
+                   "--model-name", "--version", "--label-set"):
+        assert option in result.stdout
+
+
+def test_label_policy_partial_cases():
+    from training.nnunet.train import apply_label_policy, known_labels
+
+    label = np.zeros((6, 6, 3), np.uint8)
+    label[1:5, 1:5, 1] = 2
+    label[2:4, 2:4, 1] = 1  # slice 1 drawn (cavity in myocardium); slices 0 and 2 undrawn
+    label[0, 0, 1] = 3  # an RV pixel, as a fully labelled source would have
+
+    assert known_labels("sunnybrook_SCD0000101_ed") == {1, 2}
+    assert known_labels("sunnybrook_SCD0000101_es") == {1}
+    assert known_labels("acdc_patient001_ed") is None
+
+    # ED under the LV-only label set: background known on drawn slices, undrawn slices ignored (3).
+    ed, ignored = apply_label_policy(label, {1, 2}, "lv")
+    assert ignored and (ed[..., 0] == 3).all() and (ed[..., 2] == 3).all()
+    assert ed[0, 0, 1] == 0 and ed[5, 5, 1] == 0 and ed[2, 2, 1] == 1 and ed[1, 1, 1] == 2
+    # ES annotates the cavity only: everything else is unknown ...
+    es_label = np.where(label == 1, 1, 0).astype(np.uint8)
+    es, _ = apply_label_policy(es_label, {1}, "lv")
+    assert set(np.unique(es[..., 1])) == {1, 3} and (es[2:4, 2:4, 1] == 1).all()
+    # ... except a thin wall ring just outside the cavity (the LV wall is always thicker).
+    es, _ = apply_label_policy(es_label, {1}, "lv", ring_px=(1, 1))
+    assert (es[2:4, 2:4, 1] == 1).all() and es[1, 2, 1] == 2 and es[4, 3, 1] == 2
+    assert es[1, 1, 1] == 3 and es[0, 2, 1] == 3 and (es[..., 0] == 3).all()
+    # Full label set: the RV could be anywhere outside the LV, so background is unknown (ignore = 4).
+    full, _ = apply_label_policy(label, {1, 2}, "full")
+    assert full[5, 5, 1] == 4 and full[1, 1, 1] == 2
+    # Fully annotated cases keep their labels; the LV-only set turns the RV into background.
+    lv, ignored = apply_label_policy(label, None, "lv")
+    assert not ignored and lv[0, 0, 1] == 0 and lv[2, 2, 1] == 1 and (lv[..., 0] == 0).all()
+
+
+# ---------------------------------------------------------------- tiny end-to-end run
+
+@pytest.mark.timeout(420)
+def test_tiny_end_to_end(tmp_path):
+    import nibabel as nib
+
+    from services.segmentation.inference import load_segmenter
+    from tests.nnunet_fixtures import phantom
+
+    raw = tmp_path / "raw" / "Dataset902_Phantoms"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    for i, phase in enumerate((0.0, 0.4)):
+        img, lab = phantom((64, 64, 6), phase=phase, seed=i)
+        nib.save(nib.Nifti1Image(img, affine), raw / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), raw / "labelsTr" / f"phantom_{i:03d}.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "cineMRI"}, "labels": {"background": 0, "LV cavity": 1, "LV myocardium": 2, "RV": 3},
+        "numTraining": 2, "file_ending": ".nii.gz"}))
+
+    env = dict(os.environ, nnUNet_def_n_proc="1")
+    args = ["train", "nnunet", "--raw", str(raw), "--dataset-id", "902", "--configuration", "2d", "--fold", "all",
+            "--work", str(tmp_path / "work"), "--profile", "reduced", "--epochs", "1", "--iterations", "3",
+            "--device", "cpu"]
+    layout = tmp_path / "layout"
+    first = _cmrvl(*args, "--export-to", str(layout), "--version", "3", env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = _summary(first.stdout)
+    assert summary["resumed_from_epoch"] == 0 and summary["epochs"] == 1 and summary["trainer"] == "ReducedTrainer"
+    assert np.isfinite(summary["final_train_loss"])
+    results = Path(summary["results_folder"])
+    assert results.name == "ReducedTrainer__nnUNetPlansReduced__2d"
+    assert (results / "fold_all" / "checkpoint_final.pth").is_file()
+    plans = json.loads((results / "plans.json").read_text())
+    assert plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
+
+    version_dir = layout / "cmr_seg" / "3"
+    evaluation = json.loads((version_dir / "evaluation.json").read_text())
+    assert evaluation["on_training_data"] is True
+    assert set(evaluation["dice_mean"]) == {"LV cavity", "LV myocardium", "RV"}
+    assert set(evaluation["clinical_errors"]) >= {"lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "lv_mass_g"}
+
+    segmenter = load_segmenter(layout, backend="onnxruntime")
+    try:
+        assert segmenter.version == 3
+        img, _ = phantom((64, 64, 6), phase=0.2, seed=5)
+        labels = segmenter.segment_volume(img, affine)
+    finally:
+        segmenter.close()
+    assert labels.shape == img.shape and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+    # Same command again: the final checkpoint is continued (nnU-Net --c), nothing is retrained.
+    again = _cmrvl(*args, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert _summary(again.stdout)["resumed_from_epoch"] == 1
+
+
+# ---------------------------------------------------------------- the shipped default model
+
+def test_default_model_card_and_evaluation():
+    from services.segmentation.model_layout import latest_version, read_layout, resolve_model_dir
+
+    model_dir = resolve_model_dir(DEFAULT_MODEL)
+    version_dir = model_dir / str(latest_version(model_dir))
+    card = (DEFAULT_MODEL / "MODEL_CARD.md").read_text()
+    for needle in ("Sunnybrook", "LV only", "cmrvl train nnunet", "ignore", "training data"):
+        assert needle in card
+    evaluation = json.loads((version_dir / "evaluation.json").read_text())
+    assert evaluation["on_training_data"] is True  # one patient: honest about what it shows
+    assert evaluation["dice_mean"]["LV cavity"] > 0.5
+    layout = read_layout(version_dir)
+    assert sorted(layout["labels"]["nnunet_to_cmrvl"].values()) == [0, 1, 2]  # LV only, no RV
+    assert (version_dir / "model.onnx").stat().st_size < 8 * 2**20
+
+
+@pytest.mark.skipif(not (SUNNYBROOK / "link.csv").is_file(), reason=f"sample data absent: {SUNNYBROOK}")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the study's invalid UID
+def test_default_model_segments_sunnybrook_ed():
+    from services.segmentation.inference import load_segmenter
+    from training.nnunet.evaluate import dice
+    from training.nnunet.sunnybrook import find_cases, load_case
+
+    (study_id, case_id, dicom_dir, contour_dir), = find_cases(SUNNYBROOK)
+    case = load_case(dicom_dir, contour_dir, study_id, case_id)
+    segmenter = load_segmenter(DEFAULT_MODEL, backend="onnxruntime")
+    try:
+        labels = segmenter.segment_volume(case.study.image[..., case.ed_phase], case.study.affine)
+    finally:
+        segmenter.close()
+    drawn = case.contoured_slices["ed"]
+    expert = case.labels["ed"]
+    assert set(np.unique(labels)) <= {0, 1, 2}  # the default model has no RV
+    for z in drawn:
+        assert (labels[..., z] == 1).any() and (labels[..., z] == 2).any(), f"slice {z}: no LV cavity/myocardium"
+    assert dice(labels[..., drawn] == 1, expert[..., drawn] == 1) > 0.6
+    assert dice(labels[..., drawn] == 2, expert[..., drawn] == 2) > 0.3
