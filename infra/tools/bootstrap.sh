@@ -15,7 +15,7 @@ else
   # The side venvs are independent: install them while the main one installs.
   mkdir -p .venvs
   pids=()
-  for tool in chart triton vllm train; do
+  for tool in chart-tools triton vllm train; do
     bash "infra/tools/install-$tool.sh" > ".venvs/install-$tool.log" 2>&1 &
     pids+=("$!:$tool")
   done
