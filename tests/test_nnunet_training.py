@@ -81,7 +81,10 @@ def test_label_policy_partial_cases():
 # ---------------------------------------------------------------- tiny end-to-end run
 
 @pytest.mark.timeout(420)
-def test_tiny_end_to_end(tmp_path):
+def test_tiny_end_to_end(tmp_path, stack_info, store):
+    """Dataset from and model into the real S3 server, as the cluster Job runs it."""
+    import uuid
+
     import nibabel as nib
 
     from services.segmentation.inference import load_segmenter
@@ -99,12 +102,18 @@ def test_tiny_end_to_end(tmp_path):
         "channel_names": {"0": "cineMRI"}, "labels": {"background": 0, "LV cavity": 1, "LV myocardium": 2, "RV": 3},
         "numTraining": 2, "file_ending": ".nii.gz"}))
 
-    env = dict(os.environ, nnUNet_def_n_proc="1")
-    args = ["train", "nnunet", "--raw", str(raw), "--dataset-id", "902", "--configuration", "2d", "--fold", "all",
+    run = uuid.uuid4().hex[:8]
+    store.upload_folder(raw, store.bucket("artifacts"), f"training-{run}/Dataset902_Phantoms/")
+    env = dict(os.environ, nnUNet_def_n_proc="1", CMRVL_S3_ENDPOINT=stack_info.s3_endpoint,
+               CMRVL_S3_ACCESS_KEY=stack_info.access_key, CMRVL_S3_SECRET_KEY=stack_info.secret_key)
+    args = ["train", "nnunet", "--raw", f"s3://{store.bucket('artifacts')}/training-{run}/Dataset902_Phantoms/",
+            "--dataset-id", "902", "--configuration", "2d", "--fold", "all",
             "--work", str(tmp_path / "work"), "--profile", "reduced", "--epochs", "1", "--iterations", "3",
             "--device", "cpu"]
     layout = tmp_path / "layout"
-    first = _cmrvl(*args, "--export-to", str(layout), "--version", "3", env=env)
+    repository = f"triton-{run}"
+    first = _cmrvl(*args, "--export-to", f"s3://{store.bucket('models')}/{repository}", "--version", "3", env=env)
+    store.download_prefix(store.bucket("models"), f"{repository}/", layout)  # what Triton loads
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = _summary(first.stdout)
     assert summary["resumed_from_epoch"] == 0 and summary["epochs"] == 1 and summary["trainer"] == "ReducedTrainer"

@@ -304,7 +304,9 @@ def register_train(train_subparsers) -> None:
         "`cmrvl train nnunet-dataset`, with nnUNet_raw/preprocessed/results under --work. An existing "
         "checkpoint is continued. Partially annotated cases (Sunnybrook) get nnU-Net's ignore label where "
         "the class is unknown (see training/nnunet/train.py).")
-    parser.add_argument("--raw", required=True, metavar="DIR", help="raw dataset folder (DatasetNNN_Name/) or the folder holding it")
+    parser.add_argument("--raw", required=True, metavar="DIR",
+                        help="raw dataset folder (DatasetNNN_Name/) or the folder holding it; s3://BUCKET/PREFIX/ "
+                        "downloads it from the object store (CMRVL_S3_* settings)")
     parser.add_argument("--dataset-id", required=True, type=int, metavar="N", help="nnU-Net dataset id (1-999)")
     parser.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"], help="nnU-Net configuration (default 2d)")
     parser.add_argument("--fold", default="0", choices=["0", "1", "2", "3", "4", "all"], help="fold to train (default 0)")
@@ -316,11 +318,25 @@ def register_train(train_subparsers) -> None:
     parser.add_argument("--epochs", type=int, help="override the profile's number of epochs")
     parser.add_argument("--iterations", type=int, help="override the profile's iterations per epoch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--export-to", metavar="LAYOUT_DIR", help="export the model to this model repository when done")
+    parser.add_argument("--export-to", metavar="LAYOUT_DIR",
+                        help="export the model to this model repository when done; s3://BUCKET/PREFIX uploads it "
+                        "(e.g. s3://cmrvl-models/triton, the repository Triton loads)")
     parser.add_argument("--model-name", default="cmr_seg", help="model name in the repository (default cmr_seg)")
     parser.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip evaluation.json after the export")
     parser.set_defaults(handler=_handle)
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+def _object_store():
+    from services.runtime.settings import load_settings
+    from services.runtime.storage import ObjectStore
+
+    return ObjectStore(load_settings())
 
 
 def _handle(args) -> int:
@@ -328,11 +344,25 @@ def _handle(args) -> int:
 
     if not 1 <= args.dataset_id <= 999:
         raise CommandError("--dataset-id must be in 1..999")
+    raw, export_to = args.raw, args.export_to
     try:
-        summary = train(args.raw, args.dataset_id, args.configuration, args.fold, args.work, args.profile,
-                        args.label_set, args.epochs, args.iterations, args.device, args.export_to,
+        # In the cluster the dataset and the model repository live in the object store: stage them
+        # through the work folder.
+        if raw.startswith("s3://"):
+            bucket, prefix = _split_s3(raw)
+            raw = Path(args.work) / "s3-raw" / Path(prefix).name
+            if not _object_store().download_prefix(bucket, prefix + "/", raw):
+                raise FileNotFoundError(f"no objects under {args.raw}")
+        if export_to and export_to.startswith("s3://"):
+            export_to = Path(args.work) / "export"
+        summary = train(raw, args.dataset_id, args.configuration, args.fold, args.work, args.profile,
+                        args.label_set, args.epochs, args.iterations, args.device, export_to,
                         args.model_name, args.version, evaluate=not args.no_evaluate)
-    except (ValueError, FileNotFoundError) as exc:
+        if export_to != args.export_to:
+            bucket, prefix = _split_s3(args.export_to)
+            refs = _object_store().upload_folder(Path(export_to), bucket, f"{prefix}/" if prefix else "")
+            summary["uploaded"] = f"{len(refs)} objects to {args.export_to}"
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
         raise CommandError(str(exc).splitlines()[0]) from None
     print(json.dumps(summary, indent=2))
     return 0
