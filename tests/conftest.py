@@ -23,13 +23,17 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """One real stack for the session, on free ports, torn down at the end."""
+    """One real stack for the session, on free ports, torn down at the end. Segmentation uses the
+    shipped default model; findings run a tiny Qwen2.5-VL (random weights, built by the tests)
+    in-process, since no real weights can be downloaded here."""
     from services.runtime.stack import Stack, free_base_port
+    from vlm_fixtures import tiny_qwen25_vl
 
     stack = Stack(tmp_path_factory.mktemp("stack"))
-    info = stack.up(
+    stack.up(
         base_port=free_base_port(),
-        extra_env={"CMRVL_MAX_UPLOAD_MB": str(TEST_MAX_UPLOAD_MB), "CMRVL_RETRY_BACKOFF_S": "0.2"},
+        extra_env={"CMRVL_MAX_UPLOAD_MB": str(TEST_MAX_UPLOAD_MB), "CMRVL_RETRY_BACKOFF_S": "0.2",
+                   "CMRVL_VLM_MODEL_DIR": str(tiny_qwen25_vl()), "CMRVL_VLM_MODEL": "tiny-qwen2.5-vl"},
     )
     yield stack
     stack.down()
