@@ -74,8 +74,10 @@ def render_text(report: dict) -> str:
         lines.append(f"  {finding.get('title', finding.get('task_id'))}: {finding.get('summary', finding.get('answer', ''))}")
     if report["quality"]:
         lines += ["", "QUALITY"] + [f"  - {q['code']}: {q['message']}" for q in report["quality"]]
-    models = report["models"]
-    lines += ["", "Models: " + ", ".join(f"{k} {v['name']} {v['version']}" for k, v in models.items() if v) or "none"]
+    models = [f"{role} {m['name']} {m['version']}" + (" (the shipped default LV-only model, see its model card)"
+                                                     if m.get("default_model") else "")
+              for role, m in report["models"].items() if m]
+    lines += ["", "Models: " + (", ".join(models) or "none")]
     return "\n".join(lines) + "\n"
 
 

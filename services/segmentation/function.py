@@ -105,16 +105,21 @@ def measure_labels(
 
     quality: list[dict[str, str]] = []
     if clean:
-        phases = []
+        phases, removed_by_class = [], {}
         for t in range(n_phases):
             cleaned, removed = keep_largest_components(labels[..., t])
             phases.append(cleaned)
             for cls, n in removed.items():
-                quality.append(_flag(
-                    "components_removed",
-                    f"phase {t}: removed {n} voxels of {CLASS_NAMES[cls]} outside its largest connected component",
-                ))
+                removed_by_class.setdefault(cls, {})[t] = n
         labels = np.stack(phases, axis=-1)
+        # One flag per class, so that a cine of many phases does not bury the report in them.
+        for cls, by_phase in sorted(removed_by_class.items()):
+            worst = max(by_phase, key=by_phase.get)
+            quality.append(_flag(
+                "components_removed",
+                f"removed {CLASS_NAMES[cls]} voxels outside its largest connected component in "
+                f"{len(by_phase)} of {n_phases} phase(s), at most {by_phase[worst]} voxels (phase {worst})",
+            ))
 
     vox_ml = voxel_volume_ml(affine)
     counts = {cls: (labels == cls).sum(axis=(0, 1, 2)) for cls in CLASS_NAMES}
