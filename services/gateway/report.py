@@ -15,8 +15,12 @@ Report JSON:
 
 from __future__ import annotations
 
+import logging
+
 from services.gateway.records import STAGES, now
 from services.runtime.storage import ObjectStore
+
+log = logging.getLogger("cmrvl.report")
 
 SCHEMA = "cmrvl.report/v1"
 UNITS = {"_ml_m2": "ml/m2", "_g_m2": "g/m2", "_ml": "ml", "_g": "g", "_pct": "%", "_m2": "m2"}
@@ -138,6 +142,10 @@ class ReportBuilder:
         labels_ref = stages["segmentation"]["outputs"].get("labels")
         if stages["segmentation"]["state"] != "done" or not labels_ref:
             return {}
+        if report["measurements"].get("ed_phase") is None:
+            report["quality"].append({"code": "no_dicom_outputs", "source": "report",
+                                      "message": "no SR/SEG: the segmentation found no structure to measure"})
+            return {}
         manifest_ref = stages["preprocess"]["outputs"]["manifest"]
         manifest = self.store.get_json(manifest_ref["bucket"], manifest_ref["key"])
         with tempfile.TemporaryDirectory(prefix="cmrvl-report-") as tmp:
@@ -168,7 +176,14 @@ class ReportBuilder:
         report = self.build(record)
         bucket, prefix = self.store.bucket("reports"), f"{record['study_id']}/"
         outputs = {}
-        for name, data in self.dicom_outputs(record, report).items():
+        try:
+            dicom = self.dicom_outputs(record, report)
+        except Exception as exc:  # noqa: BLE001 - the JSON/text report still goes out, flagged
+            log.exception("study %s: DICOM SR/SEG not written", record["study_id"])
+            report["quality"].append({"code": "no_dicom_outputs", "source": "report",
+                                      "message": f"DICOM SR/SEG could not be written: {type(exc).__name__}: {exc}"})
+            dicom = {}
+        for name, data in dicom.items():
             key = name.removesuffix(".dcm")
             outputs[key] = self.store.put_bytes(bucket, prefix + name, data, "application/dicom")
         report["dicom"] = {key: ref.key for key, ref in outputs.items()}

@@ -119,11 +119,21 @@ def read_source_headers(source_dir: Path, sop_instance_uids: Iterable[str]) -> d
     return found
 
 
+# Patient/study attributes highdicom copies into derived objects: Type 2 (must be present, may be
+# empty) there, but often absent from real and anonymised images.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _repaired(ds: Dataset, frame_of_reference_uid: str | None) -> Dataset:
-    """A copy highdicom accepts: unparseable DA/TM emptied, one FrameOfReferenceUID per series."""
+    """A copy highdicom accepts: unparseable DA/TM emptied, absent Type 2 patient/study attributes
+    present and empty, one FrameOfReferenceUID per series."""
     from pydicom.valuerep import DA, TM
 
     out = ds.copy()
+    for keyword in _TYPE2_COPIED:
+        if keyword not in out:
+            setattr(out, keyword, "")
     for elem in list(out):
         if elem.VR in ("DA", "TM") and elem.value not in (None, "") and elem.VM == 1:
             try:
