@@ -22,7 +22,18 @@ def require(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def pacs(tmp_path_factory):
+    """A real C-STORE receiver playing the PACS the gateway pushes SR + SEG to."""
+    from services.preprocess.cstore import StudyReceiver
+
+    receiver = StudyReceiver(tmp_path_factory.mktemp("pacs"), lambda uid, folder: None, ae_title="PACS", port=0)
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, pacs):
     """One real stack for the session, on free ports, torn down at the end. Segmentation uses the
     shipped default model; findings run a tiny Qwen2.5-VL (random weights, built by the tests)
     in-process, since no real weights can be downloaded here."""
@@ -33,7 +44,8 @@ def stack(tmp_path_factory):
     stack.up(
         base_port=free_base_port(),
         extra_env={"CMRVL_MAX_UPLOAD_MB": str(TEST_MAX_UPLOAD_MB), "CMRVL_RETRY_BACKOFF_S": "0.2",
-                   "CMRVL_VLM_MODEL_DIR": str(tiny_qwen25_vl()), "CMRVL_VLM_MODEL": "tiny-qwen2.5-vl"},
+                   "CMRVL_VLM_MODEL_DIR": str(tiny_qwen25_vl()), "CMRVL_VLM_MODEL": "tiny-qwen2.5-vl",
+                   "CMRVL_PACS_TARGET": f"PACS@127.0.0.1:{pacs.port}"},
     )
     yield stack
     stack.down()

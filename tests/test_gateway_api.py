@@ -149,6 +149,22 @@ def test_a_study_travels_every_stage_and_a_report_lands_in_the_store(sunnybrook_
         assert seg.SOPInstanceUID in referenced  # the SR's measurements point at both SEGs
 
 
+def test_sr_and_seg_are_pushed_to_the_pacs(sunnybrook_study, gateway, store, pacs):
+    import pydicom
+
+    study, _, _ = sunnybrook_study
+    report = gateway.get_report(study.study_id)
+    pushed = {}
+    for path in (pacs.storage_dir / study.study_instance_uid).glob("*.dcm"):
+        dataset = pydicom.dcmread(path)
+        pushed[dataset.SOPInstanceUID] = dataset.Modality
+    stored = {pydicom.dcmread(io.BytesIO(store.get_bytes(ref.bucket, ref.key))).SOPInstanceUID
+              for ref in (report.sr, *report.segs)}
+    assert set(pushed) == stored
+    assert sorted(pushed.values()) == ["SEG", "SEG", "SR"]
+    assert json.loads(report.report_json)["dicom"]["pushed_to"].startswith("PACS@127.0.0.1:")
+
+
 def test_the_same_submission_twice_is_one_study(sunnybrook_study, gateway, store):
     study, request_id, _ = sunnybrook_study
     again = gateway.submit_folder(SUNNYBROOK_STUDY, request_id)

@@ -86,8 +86,9 @@ def render_text(report: dict) -> str:
 
 
 class ReportBuilder:
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, pacs_target: str = "", pacs_calling_aet: str = "CMRVL"):
         self.store = store
+        self.pacs_target, self.pacs_calling_aet = pacs_target, pacs_calling_aet
 
     def _json(self, ref: dict | None):
         return self.store.get_json(ref["bucket"], ref["key"]) if ref else None
@@ -187,6 +188,15 @@ class ReportBuilder:
             key = name.removesuffix(".dcm")
             outputs[key] = self.store.put_bytes(bucket, prefix + name, data, "application/dicom")
         report["dicom"] = {key: ref.key for key, ref in outputs.items()}
+        if dicom and self.pacs_target:
+            from services.gateway.pacs import push
+
+            try:
+                push(dicom, self.pacs_target, self.pacs_calling_aet)
+                report["dicom"]["pushed_to"] = self.pacs_target
+            except Exception as exc:  # noqa: BLE001 - the objects stay in the store; say so
+                report["quality"].append({"code": "pacs_push_failed", "source": "report",
+                                          "message": f"SR/SEG not pushed to {self.pacs_target}: {exc}"})
         outputs["json"] = self.store.put_json(bucket, prefix + "report.json", report)
         outputs["text"] = self.store.put_bytes(bucket, prefix + "report.txt", render_text(report).encode(), "text/plain")
         return {name: vars(ref) for name, ref in outputs.items()}

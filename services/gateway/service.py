@@ -18,7 +18,7 @@ def service_spec(settings: Settings) -> ServiceSpec:
     store = ObjectStore(settings)
     store.ensure_buckets()
     records = RecordStore(store)
-    workflow = Workflow(settings, records, ReportBuilder(store))
+    workflow = Workflow(settings, records, ReportBuilder(store, settings.pacs_target, settings.pacs_calling_aet))
     servicer = StudyServicer(settings, store, records, workflow)
     return ServiceSpec(
         names=[study_pb2.DESCRIPTOR.services_by_name["StudyService"].full_name],

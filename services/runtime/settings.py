@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     segmentation_concurrency: int = Field(1, ge=1)
     findings_concurrency: int = Field(1, ge=1)
 
+    # Optional push of each report's SR + SEG to a PACS by C-STORE: "AET@host:port"; empty = off.
+    pacs_target: str = ""
+    pacs_calling_aet: str = "CMRVL"
+
     # Model servers
     triton_url: str = ""  # host:port of Triton's gRPC endpoint; empty = in-process ONNX Runtime
     segmentation_model: str = "cmr_seg"
