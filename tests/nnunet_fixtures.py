@@ -7,7 +7,7 @@ CMR-VL order 1/2/3), only with a schedule of a few dozen iterations instead of 2
 The model is not meant to be accurate: tests use it to prove that different execution paths
 (nnUNetv2_predict, ONNX Runtime, Triton) agree on the same weights.
 
-Cache: ``<repo>/.cache/test-models/cmr_seg_tiny-<hash>/`` (gitignored; override the root with
+Cache: ``~/.cache/cmrvl/test-models/cmr_seg_tiny-<hash>/`` (see tests/model_cache.py; override the root with
 CMRVL_TEST_MODEL_CACHE). The hash covers the recipe (phantoms, build, exporter), so changing it
 rebuilds the model; older builds are removed. The build runs in a subprocess because
 nnunetv2 reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` at import time.
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model_cache import CACHE_ROOT
+
 REPO = Path(__file__).resolve().parents[1]
-CACHE_ROOT = Path(os.environ.get("CMRVL_TEST_MODEL_CACHE", REPO / ".cache" / "test-models"))
 DATASET_ID = 901
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_CMRVLTinyCine"
 CONFIGURATION = "2d"

@@ -19,7 +19,7 @@ with SCRIPTED_ANSWER on every backend (the vision tower still runs on every imag
 lets tests check parsing end to end ("ok" for the effusion question, "unparseable" for the others)
 and compare backends token for token.
 
-Cache: `<repo>/.cache/test-models/tiny-qwen2_5-vl/` (gitignored; root overridable with
+Cache: `~/.cache/cmrvl/test-models/tiny-qwen2_5-vl/` (see tests/model_cache.py; root overridable with
 CMRVL_TEST_MODEL_CACHE). A stamp with the recipe hash makes a changed recipe rebuild.
 
     python tests/vlm_fixtures.py          # build (or find) the cached model, print its folder
@@ -44,8 +44,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from model_cache import CACHE_ROOT
+
 REPO = Path(__file__).resolve().parents[1]
-CACHE_ROOT = Path(os.environ.get("CMRVL_TEST_MODEL_CACHE", REPO / ".cache" / "test-models"))
 MODEL_DIR = CACHE_ROOT / "tiny-qwen2_5-vl"
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venvs" / "vllm"))
 SERVED_NAME = "cmr-vl-tiny"
