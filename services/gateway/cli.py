@@ -28,16 +28,13 @@ def register(subparsers) -> None:
     submit.set_defaults(handler=_submit)
 
 
-def _progress(events, stream=sys.stderr):
-    """Print a one-line progress bar per event; returns the last event."""
-    last = None
+def _progress(events, stream=sys.stderr) -> None:
+    """Print a one-line progress bar, updated in place for every event."""
     for event in events:
         bar = "#" * int(event.percent / 5)
         stream.write(f"\r[{bar:<20}] {event.percent:5.1f}%  {event.message[:70]:<70}")
         stream.flush()
-        last = event
     stream.write("\n")
-    return last
 
 
 def _write_report(report, out: Path) -> None:
@@ -111,8 +108,8 @@ def _analyze(args) -> int:
         try:
             study = client.submit_folder(
                 args.dicom_dir, height_m=args.height_cm / 100 if args.height_cm else None, weight_kg=args.weight_kg)
-            last = _progress(client.watch(study.study_id))
-            report = _fetch_report(client, study.study_id)
+            _progress(client.watch(study.study_id))
+            report = _fetch_report(client, study.study_id)  # a failed study ends here, exit 1
         except grpc.RpcError as exc:
             raise CommandError(f"{exc.code().name}: {exc.details()}") from None
         finally:
@@ -124,8 +121,6 @@ def _analyze(args) -> int:
             if ref.key:
                 store.get_file(ref.bucket, ref.key, args.out / ref.key.rsplit("/", 1)[1])
         print(f"{_summary(report.report_json)}; written to {args.out}")
-        if last is not None and "failed" in last.message:
-            return 1
     finally:
         if not args.keep_stack:
             stack.down()
