@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -124,4 +125,5 @@ def _analyze(args) -> int:
     finally:
         if not args.keep_stack:
             stack.down()
+            shutil.rmtree(stack_dir, ignore_errors=True)  # the stack's data and logs were for this call only
     return 0
