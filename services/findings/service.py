@@ -148,5 +148,5 @@ def service_spec(settings: Settings) -> ServiceSpec:
     return ServiceSpec(
         names=[stages_pb2.DESCRIPTOR.services_by_name["FindingsService"].full_name],
         register=lambda server: stages_pb2_grpc.add_FindingsServiceServicer_to_server(servicer, server),
-        tokens=frozenset({settings.internal_token} - {""}),
+        tokens=settings.stage_tokens,
     )

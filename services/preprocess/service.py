@@ -48,9 +48,8 @@ class PreprocessServicer(stages_pb2_grpc.PreprocessServiceServicer):
 
 def service_spec(settings: Settings) -> ServiceSpec:
     store = ObjectStore(settings)
-    tokens = frozenset({settings.internal_token} - {""})
     return ServiceSpec(
         names=[stages_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name],
         register=lambda server: stages_pb2_grpc.add_PreprocessServiceServicer_to_server(PreprocessServicer(store), server),
-        tokens=tokens,
+        tokens=settings.stage_tokens,
     )

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     def accepted_tokens(self) -> frozenset[str]:
         return frozenset(t.strip() for t in self.auth_tokens.split(",") if t.strip())
 
+    @property
+    def stage_tokens(self) -> frozenset[str]:
+        """What a stage service accepts: the gateway's internal token (none = auth off, local only)."""
+        return frozenset({self.internal_token} - {""})
+
 
 def load_settings(**overrides) -> Settings:
     """Settings from the environment (plus explicit overrides), or SettingsError."""

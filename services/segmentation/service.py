@@ -63,8 +63,10 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
     def _download_model(self) -> str | None:
         """The model repository folder from the models bucket, or None when it holds none."""
         prefix = f"triton/{self.settings.segmentation_model}/"
-        folder = Path(tempfile.mkdtemp(prefix="cmrvl-model-")) / self.settings.segmentation_model
+        parent = Path(tempfile.mkdtemp(prefix="cmrvl-model-"))
+        folder = parent / self.settings.segmentation_model
         if not self.store.download_prefix(self.store.bucket("models"), prefix, folder):
+            parent.rmdir()  # nothing downloaded: leave no empty folder behind
             return None
         return str(folder)
 
@@ -125,5 +127,5 @@ def service_spec(settings: Settings) -> ServiceSpec:
         names=[stages_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name],
         register=lambda server: stages_pb2_grpc.add_SegmentationServiceServicer_to_server(
             SegmentationServicer(store, settings), server),
-        tokens=frozenset({settings.internal_token} - {""}),
+        tokens=settings.stage_tokens,
     )
