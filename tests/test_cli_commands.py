@@ -52,3 +52,13 @@ def test_submit_waits_and_writes_the_report(stack_info, tmp_path):
     denied = _cmrvl("submit", str(tmp_path / "study"), "--target", stack_info.target("gateway"),
                     env={"CMRVL_TOKEN": "wrong"})
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+
+def test_building_the_command_line_imports_no_heavy_library():
+    """`cmrvl --help` and every command's start pay only for what that command uses."""
+    probe = ("import sys; from services.cli import build_parser; build_parser(); "
+             "print(' '.join(m for m in ('numpy', 'pydicom', 'nibabel', 'torch', 'grpc', 'minio') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == ""

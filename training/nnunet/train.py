@@ -40,8 +40,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where used, so that building the `cmrvl` parser stays light
+    import numpy as np
 
 LABEL_SETS = {
     "full": {"background": 0, "LV cavity": 1, "LV myocardium": 2, "RV": 3},
@@ -95,6 +97,7 @@ def apply_label_policy(label: np.ndarray, annotated: set[int] | None, label_set:
     ring this wide just outside the cavity is labelled myocardium: the LV wall is always thicker
     than that, and without it nothing would stop the cavity from growing into the unlabelled wall.
     """
+    import numpy as np
     from scipy.ndimage import binary_dilation
 
     classes = set(LABEL_SETS[label_set].values()) - {0}
@@ -118,6 +121,7 @@ def apply_label_policy(label: np.ndarray, annotated: set[int] | None, label_set:
 def stage_dataset(src: Path, dst: Path, label_set: str) -> dict:
     """Copy a raw dataset to nnUNet_raw with the label policy applied; returns the new dataset.json."""
     import nibabel as nib
+    import numpy as np
 
     dataset = json.loads((src / "dataset.json").read_text())
     ending = dataset.get("file_ending", ".nii.gz")
