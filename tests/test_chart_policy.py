@@ -289,6 +289,12 @@ def test_training_templates():
     job = lib.one(docs, "Job", "cmrvl-nnunet-train")
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["cmrvl"] and c["args"][:2] == ["train", "nnunet"]
+    from services.cli import build_parser  # the rendered arguments are ones the CLI accepts
+
+    args = build_parser().parse_args(c["args"])
+    assert args.raw.startswith("s3://") and args.export_to.startswith("s3://")
+    # A replaced pod resumes from the checkpoints in the store, and Kubernetes does replace it.
+    assert args.checkpoint_to.startswith("s3://") and job["spec"]["backoffLimit"] >= 2
     names = {e["name"] for e in c["env"]}
     assert {"CMRVL_S3_ENDPOINT", "CMRVL_S3_ACCESS_KEY", "CMRVL_S3_SECRET_KEY", "nnUNet_results"} <= names
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1

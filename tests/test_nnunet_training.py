@@ -81,13 +81,13 @@ def test_label_policy_partial_cases():
 # ---------------------------------------------------------------- tiny end-to-end run
 
 @pytest.mark.timeout(420)
-def test_tiny_end_to_end(tmp_path, stack_info, store):
-    """Dataset from and model into the real S3 server, as the cluster Job runs it."""
+def _upload_phantom_dataset(tmp_path: Path, store) -> str:
+    """Two synthetic phantom cases as raw Dataset902_Phantoms in the artifacts bucket; returns the run id
+    (objects under training-<run>/)."""
     import uuid
 
     import nibabel as nib
 
-    from services.segmentation.inference import load_segmenter
     from tests.nnunet_fixtures import phantom
 
     raw = tmp_path / "raw" / "Dataset902_Phantoms"
@@ -101,15 +101,28 @@ def test_tiny_end_to_end(tmp_path, stack_info, store):
     (raw / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "cineMRI"}, "labels": {"background": 0, "LV cavity": 1, "LV myocardium": 2, "RV": 3},
         "numTraining": 2, "file_ending": ".nii.gz"}))
-
     run = uuid.uuid4().hex[:8]
     store.upload_folder(raw, store.bucket("artifacts"), f"training-{run}/Dataset902_Phantoms/")
-    env = dict(os.environ, nnUNet_def_n_proc="1", CMRVL_S3_ENDPOINT=stack_info.s3_endpoint,
-               CMRVL_S3_ACCESS_KEY=stack_info.access_key, CMRVL_S3_SECRET_KEY=stack_info.secret_key)
+    return run
+
+
+def _s3_env(stack_info) -> dict:
+    return dict(os.environ, nnUNet_def_n_proc="1", CMRVL_S3_ENDPOINT=stack_info.s3_endpoint,
+                CMRVL_S3_ACCESS_KEY=stack_info.access_key, CMRVL_S3_SECRET_KEY=stack_info.secret_key)
+
+
+def test_tiny_end_to_end(tmp_path, stack_info, store):
+    """Dataset from and model into the real S3 server, as the cluster Job runs it."""
+    from services.segmentation.inference import load_segmenter
+    from tests.nnunet_fixtures import phantom
+
+    run = _upload_phantom_dataset(tmp_path, store)
+    env = _s3_env(stack_info)
     args = ["train", "nnunet", "--raw", f"s3://{store.bucket('artifacts')}/training-{run}/Dataset902_Phantoms/",
             "--dataset-id", "902", "--configuration", "2d", "--fold", "all",
             "--work", str(tmp_path / "work"), "--profile", "reduced", "--epochs", "1", "--iterations", "3",
             "--device", "cpu"]
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
     layout = tmp_path / "layout"
     repository = f"triton-{run}"
     first = _cmrvl(*args, "--export-to", f"s3://{store.bucket('models')}/{repository}", "--version", "3", env=env)
@@ -143,6 +156,46 @@ def test_tiny_end_to_end(tmp_path, stack_info, store):
     again = _cmrvl(*args, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _summary(again.stdout)["resumed_from_epoch"] == 1
+
+
+def test_killed_training_resumes_on_a_new_work_folder_from_the_store(tmp_path, stack_info, store):
+    """What a pod replacement does: the process dies (SIGKILL) mid-training and its work folder is gone;
+    the same command on an empty work folder continues from the checkpoint uploaded to the store."""
+    import shutil
+    import time
+
+    run = _upload_phantom_dataset(tmp_path, store)
+    bucket, prefix = store.bucket("artifacts"), f"training-{run}/checkpoints"
+    results_key = f"{prefix}/ReducedTrainer__nnUNetPlansReduced__2d"
+    work = tmp_path / "work"
+    args = [sys.executable, "-m", "services.cli", "train", "nnunet",
+            "--raw", f"s3://{bucket}/training-{run}/Dataset902_Phantoms/", "--dataset-id", "902",
+            "--configuration", "2d", "--fold", "all", "--work", str(work), "--profile", "reduced",
+            "--iterations", "2", "--device", "cpu", "--no-evaluate", "--checkpoint-to", f"s3://{bucket}/{prefix}"]
+    # The reduced trainer writes checkpoint_latest every 5 epochs; 50 epochs would take minutes.
+    first = subprocess.Popen([*args, "--epochs", "50"], cwd=REPO, env=_s3_env(stack_info),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = f"{results_key}/fold_all/checkpoint_latest.pth"
+    try:
+        deadline = time.monotonic() + 240
+        while not store.exists(bucket, latest) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert store.exists(bucket, latest), "no checkpoint reached the store during training"
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode != 0  # killed, not finished
+    assert store.exists(bucket, f"{results_key}/fold_all/checkpoint_best.pth")
+    shutil.rmtree(work)
+
+    second = _cmrvl(*args[3:], "--epochs", "11", env=_s3_env(stack_info))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = _summary(second.stdout)
+    # checkpoint_latest of epoch 5 (or 10 if the kill came late), from the store, not from scratch
+    assert summary["resumed_from_epoch"] in (5, 10) and summary["checkpoints"]["resumed_from_store"] is True
+    assert summary["epochs"] == 11 and summary["nnunet_validation"] is not None
+    stored = {key[len(results_key) + 1:] for key in store.list_keys(bucket, results_key + "/")}
+    assert {"plans.json", "fold_all/checkpoint_final.pth", "fold_all/validation/summary.json"} <= stored
 
 
 # ---------------------------------------------------------------- the shipped default model

@@ -95,8 +95,16 @@ class ObjectStore:
         return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
 
     def put_file(self, bucket: str, key: str, path: Path, content_type: str = "application/octet-stream") -> Ref:
-        data = Path(path).read_bytes()
-        return self.put_bytes(bucket, key, data, content_type)
+        """Upload a file without holding it in memory (checkpoints can be gigabytes)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        try:
+            self.client.fput_object(bucket, key, str(path), content_type=content_type)
+        except S3Error as exc:
+            raise _translate(exc, bucket, key) from None
+        return Ref(bucket, key, digest.hexdigest(), Path(path).stat().st_size)
 
     def put_json(self, bucket: str, key: str, document) -> Ref:
         data = json.dumps(document, indent=2, sort_keys=True).encode()
@@ -117,9 +125,13 @@ class ObjectStore:
         return json.loads(self.get_bytes(bucket, key))
 
     def get_file(self, bucket: str, key: str, path: Path) -> Path:
+        """Download to path, streamed; the file appears whole (the SDK renames a .part file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get_bytes(bucket, key))
+        try:
+            self.client.fget_object(bucket, key, str(path))
+        except S3Error as exc:
+            raise _translate(exc, bucket, key) from None
         return path
 
     def exists(self, bucket: str, key: str) -> bool:

@@ -10,6 +10,8 @@ under ``--work``):
    the label policy below.
 2. Fingerprint, plan and preprocess (skipped when the plans and preprocessed data already exist).
 3. Train one fold; an existing checkpoint in the results folder is continued (nnU-Net's ``--c``).
+   With ``--checkpoint-to s3://...`` the fold's results are restored from the object store first and
+   every checkpoint is uploaded when written (CheckpointMirror): the cluster Job's pod may be replaced.
 4. nnU-Net's own validation of the fold, then optionally export the serving layout
    (services/segmentation/model_layout.py) and evaluate it (training/nnunet/evaluate.py).
 
@@ -185,8 +187,12 @@ def _profile_classes():
 def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str, work: str | Path,
           profile: str = "standard", label_set: str = "full", epochs: int | None = None,
           iterations: int | None = None, device: str = "auto", export_to: str | Path | None = None,
-          model_name: str = "cmr_seg", version: int = 1, evaluate: bool = True) -> dict:
+          model_name: str = "cmr_seg", version: int = 1, evaluate: bool = True,
+          mirror: CheckpointMirror | None = None) -> dict:
     """Run the steps in the module docstring in this process; returns a summary.
+
+    With ``mirror`` the fold's results folder is restored from, and each checkpoint written to, the
+    object store (see CheckpointMirror), so that training survives the loss of the work folder.
 
     nnunetv2 binds its folder variables when first imported, so this sets them from ``work``
     and refuses to run if nnunetv2 was already imported with other folders.
@@ -237,6 +243,9 @@ def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str,
     if iterations is not None:
         trainer.num_iterations_per_epoch = iterations
     results = Path(trainer.output_folder_base)
+    if mirror is not None:
+        mirror.restore(results, fold)
+        mirror.attach(trainer)
     maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)  # resumes if a checkpoint exists
     start_epoch, t0 = trainer.current_epoch, time.perf_counter()
     validation_summary = results / f"fold_{fold}" / "validation" / "summary.json"
@@ -260,6 +269,9 @@ def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str,
         "nnunet_validation": _nnunet_validation(validation_summary),
     }
     (results / f"fold_{fold}" / "cmrvl_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if mirror is not None:
+        mirror.push_fold(results, fold)  # validation results and logs too: a rerun then skips to the export
+        summary["checkpoints"] = mirror.summary()
 
     if export_to is not None:
         from services.segmentation.model_layout import export_model
@@ -277,6 +289,66 @@ def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str,
             summary["evaluation"] = str(version_dir / "evaluation.json")
             summary["evaluation_mean_dice"] = report["dice_mean"]
     return summary
+
+
+class CheckpointMirror:
+    """Mirrors a fold's nnU-Net results in the object store, so that a replaced pod resumes.
+
+    ``s3://BUCKET/PREFIX`` holds ``<trainer>__<plans>__<configuration>/`` as nnU-Net lays it out:
+    plans.json, dataset.json, dataset_fingerprint.json and ``fold_<f>/`` (checkpoints, training log,
+    validation). Before training, the fold is downloaded into the results folder, where nnU-Net's
+    own resume logic (``--c``) finds it; each checkpoint is uploaded as soon as nnU-Net has written
+    it. An S3 PUT replaces an object whole, so a pod that dies mid-upload leaves the previous
+    checkpoint readable.
+    """
+
+    def __init__(self, url: str, store=None):
+        if not url.startswith("s3://"):
+            raise ValueError(f"checkpoint location must be s3://BUCKET/PREFIX, got {url}")
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = _split_s3(url)
+        self.store = store if store is not None else _object_store()
+        self.restored: list[str] = []
+        self.uploads, self.upload_seconds = 0, 0.0
+
+    def _key(self, results: Path, path: Path) -> str:
+        relative = f"{results.name}/{path.relative_to(results).as_posix()}"
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def restore(self, results: Path, fold) -> None:
+        base = f"{self.prefix}/{results.name}/" if self.prefix else f"{results.name}/"
+        wanted = [self.store.list_keys(self.bucket, base, recursive=False),  # plans.json, dataset.json, ...
+                  self.store.list_keys(self.bucket, f"{base}fold_{fold}/")]
+        for key in (k for keys in wanted for k in keys if not k.endswith("/")):
+            self.store.get_file(self.bucket, key, results / key[len(base):])
+            self.restored.append(key[len(base):])
+
+    def push(self, results: Path, path: Path) -> None:
+        start = time.perf_counter()
+        self.store.put_file(self.bucket, self._key(results, path), path)
+        self.uploads += 1
+        self.upload_seconds += time.perf_counter() - start
+
+    def push_fold(self, results: Path, fold) -> None:
+        for path in sorted(results.glob("*.json")) + sorted((results / f"fold_{fold}").rglob("*")):
+            if path.is_file():
+                self.push(results, path)
+
+    def attach(self, trainer) -> None:
+        """Upload every checkpoint right after the trainer saves it (this instance only)."""
+        save, results = trainer.save_checkpoint, Path(trainer.output_folder_base)
+
+        def save_and_push(filename: str) -> None:
+            save(filename)
+            if trainer.local_rank == 0:  # the rank that wrote the file
+                self.push(results, Path(filename))
+
+        trainer.save_checkpoint = save_and_push
+
+    def summary(self) -> dict:
+        return {"url": self.url, "restored_files": len(self.restored),
+                "resumed_from_store": any(Path(k).name.startswith("checkpoint_") for k in self.restored),
+                "uploads": self.uploads, "upload_seconds": round(self.upload_seconds, 2)}
 
 
 def _tree_hash(folder: Path) -> str:
@@ -328,6 +400,10 @@ def register_train(train_subparsers) -> None:
     parser.add_argument("--model-name", default="cmr_seg", help="model name in the repository (default cmr_seg)")
     parser.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip evaluation.json after the export")
+    parser.add_argument("--checkpoint-to", metavar="s3://BUCKET/PREFIX",
+                        help="mirror the fold's results (checkpoints, logs, validation) in the object store: "
+                        "restored before training, each checkpoint uploaded when written, so that a new pod "
+                        "resumes where a lost one stopped")
     parser.set_defaults(handler=_handle)
 
 
@@ -359,9 +435,10 @@ def _handle(args) -> int:
                 raise FileNotFoundError(f"no objects under {args.raw}")
         if export_to and export_to.startswith("s3://"):
             export_to = Path(args.work) / "export"
+        mirror = CheckpointMirror(args.checkpoint_to) if args.checkpoint_to else None
         summary = train(raw, args.dataset_id, args.configuration, args.fold, args.work, args.profile,
                         args.label_set, args.epochs, args.iterations, args.device, export_to,
-                        args.model_name, args.version, evaluate=not args.no_evaluate)
+                        args.model_name, args.version, evaluate=not args.no_evaluate, mirror=mirror)
         if export_to != args.export_to:
             bucket, prefix = _split_s3(args.export_to)
             refs = _object_store().upload_folder(Path(export_to), bucket, f"{prefix}/" if prefix else "")
