@@ -4,6 +4,8 @@
 - A tiny end-to-end run: synthetic phantoms -> nnU-Net plan/preprocess -> a few iterations with the
   reduced profile -> export -> evaluation.json -> the layout loads and predicts; a second run
   continues from the checkpoint instead of training again.
+- A run with --checkpoint-to is killed mid-training and its work folder deleted (a pod replacement);
+  the same command on an empty work folder resumes from the checkpoint in the real S3 server.
 - services/segmentation/default_model (trained on Sunnybrook by the same command) loads and
   segments the Sunnybrook study's ED phase.
 """
@@ -80,7 +82,6 @@ def test_label_policy_partial_cases():
 
 # ---------------------------------------------------------------- tiny end-to-end run
 
-@pytest.mark.timeout(420)
 def _upload_phantom_dataset(tmp_path: Path, store) -> str:
     """Two synthetic phantom cases as raw Dataset902_Phantoms in the artifacts bucket; returns the run id
     (objects under training-<run>/)."""
@@ -111,6 +112,7 @@ def _s3_env(stack_info) -> dict:
                 CMRVL_S3_ACCESS_KEY=stack_info.access_key, CMRVL_S3_SECRET_KEY=stack_info.secret_key)
 
 
+@pytest.mark.timeout(420)
 def test_tiny_end_to_end(tmp_path, stack_info, store):
     """Dataset from and model into the real S3 server, as the cluster Job runs it."""
     from services.segmentation.inference import load_segmenter
@@ -158,6 +160,7 @@ def test_tiny_end_to_end(tmp_path, stack_info, store):
     assert _summary(again.stdout)["resumed_from_epoch"] == 1
 
 
+@pytest.mark.timeout(420)
 def test_killed_training_resumes_on_a_new_work_folder_from_the_store(tmp_path, stack_info, store):
     """What a pod replacement does: the process dies (SIGKILL) mid-training and its work folder is gone;
     the same command on an empty work folder continues from the checkpoint uploaded to the store."""
@@ -196,6 +199,57 @@ def test_killed_training_resumes_on_a_new_work_folder_from_the_store(tmp_path, s
     assert summary["epochs"] == 11 and summary["nnunet_validation"] is not None
     stored = {key[len(results_key) + 1:] for key in store.list_keys(bucket, results_key + "/")}
     assert {"plans.json", "fold_all/checkpoint_final.pth", "fold_all/validation/summary.json"} <= stored
+
+
+def test_checkpoint_mirror_uploads_each_save_and_restores_only_a_matching_run(tmp_path, store):
+    """CheckpointMirror against the real S3 server, without training: the trainer's save_checkpoint
+    uploads the file it has just written, a restore brings back the run's files and this fold's only,
+    and a stored run with other plans or labels is refused before anything is downloaded."""
+    import types
+    import uuid
+
+    from training.nnunet.train import CheckpointMirror
+
+    bucket, prefix = store.bucket("artifacts"), f"mirror-{uuid.uuid4().hex[:8]}"
+    results = tmp_path / "pod1" / "ReducedTrainer__nnUNetPlansReduced__2d"
+    (results / "fold_0").mkdir(parents=True)
+    plans = {"plans_name": "nnUNetPlansReduced", "configurations": {"2d": {"patch_size": [64, 64]}}}
+    labels = {"background": 0, "LV cavity": 1, "LV myocardium": 2}
+    (results / "plans.json").write_text(json.dumps({**plans, "continue_training": True}))
+    (results / "dataset.json").write_text(json.dumps({"labels": labels, "staged_from": "/pod1/raw"}))
+
+    def save_checkpoint(filename: str) -> None:  # stands in for nnUNetTrainer.save_checkpoint
+        Path(filename).write_bytes(b"weights " + Path(filename).name.encode())
+
+    trainer = types.SimpleNamespace(save_checkpoint=save_checkpoint, output_folder_base=str(results), local_rank=0)
+    mirror = CheckpointMirror(f"s3://{bucket}/{prefix}/", store=store)
+    mirror.attach(trainer)
+    key = f"{prefix}/{results.name}/fold_0/checkpoint_latest.pth"
+    assert not store.exists(bucket, key)
+    trainer.save_checkpoint(str(results / "fold_0" / "checkpoint_latest.pth"))
+    assert store.get_bytes(bucket, key) == b"weights checkpoint_latest.pth"  # in the store as soon as saved
+    trainer.local_rank = 1  # under DDP only rank 0 writes checkpoints
+    trainer.save_checkpoint(str(results / "fold_0" / "checkpoint_best.pth"))
+    assert not store.exists(bucket, f"{prefix}/{results.name}/fold_0/checkpoint_best.pth")
+    mirror.push_fold(results, 0)  # the end of a run: plans.json, dataset.json, the fold's folder
+    store.put_bytes(bucket, f"{prefix}/{results.name}/fold_1/checkpoint_final.pth", b"another fold")
+
+    pod2 = tmp_path / "pod2" / results.name
+    resumed = CheckpointMirror(f"s3://{bucket}/{prefix}", store=store)
+    resumed.restore(pod2, 0, plans=plans, labels=labels)
+    restored = sorted(p.relative_to(pod2).as_posix() for p in pod2.rglob("*") if p.is_file())
+    assert restored == ["dataset.json", "fold_0/checkpoint_best.pth", "fold_0/checkpoint_latest.pth", "plans.json"]
+    assert (pod2 / "fold_0" / "checkpoint_latest.pth").read_bytes() == b"weights checkpoint_latest.pth"
+    assert resumed.summary()["resumed_from_store"] is True and mirror.summary()["uploads"] == 5
+
+    pod3 = tmp_path / "pod3" / results.name
+    other_plans = {**plans, "configurations": {"2d": {"patch_size": [96, 96]}}}
+    with pytest.raises(ValueError, match="other plans"):
+        CheckpointMirror(f"s3://{bucket}/{prefix}", store=store).restore(pod3, 0, plans=other_plans, labels=labels)
+    with pytest.raises(ValueError, match="other labels"):
+        CheckpointMirror(f"s3://{bucket}/{prefix}", store=store).restore(pod3, 0, plans=plans,
+                                                                         labels={**labels, "RV": 3})
+    assert not pod3.exists()
 
 
 # ---------------------------------------------------------------- the shipped default model

@@ -244,7 +244,7 @@ def train(raw: str | Path, dataset_id: int, configuration: str, fold: int | str,
         trainer.num_iterations_per_epoch = iterations
     results = Path(trainer.output_folder_base)
     if mirror is not None:
-        mirror.restore(results, fold)
+        mirror.restore(results, fold, plans=trainer.plans_manager.plans, labels=dataset_json["labels"])
         mirror.attach(trainer)
     maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)  # resumes if a checkpoint exists
     start_epoch, t0 = trainer.current_epoch, time.perf_counter()
@@ -298,8 +298,11 @@ class CheckpointMirror:
     plans.json, dataset.json, dataset_fingerprint.json and ``fold_<f>/`` (checkpoints, training log,
     validation). Before training, the fold is downloaded into the results folder, where nnU-Net's
     own resume logic (``--c``) finds it; each checkpoint is uploaded as soon as nnU-Net has written
-    it. An S3 PUT replaces an object whole, so a pod that dies mid-upload leaves the previous
-    checkpoint readable.
+    it. Checkpoints are uploaded straight to their final keys: an S3 object is replaced only when its
+    upload completes (a single PUT, or CompleteMultipartUpload for the multipart upload the client
+    uses above 5 MiB), so a pod that dies mid-upload leaves the previous checkpoint readable and a
+    temporary key plus copy would add nothing. A prefix whose stored run has other plans or labels
+    is refused: its weights would not fit this network, or would continue on other preprocessing.
     """
 
     def __init__(self, url: str, store=None):
@@ -315,8 +318,21 @@ class CheckpointMirror:
         relative = f"{results.name}/{path.relative_to(results).as_posix()}"
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
-    def restore(self, results: Path, fold) -> None:
+    def restore(self, results: Path, fold, plans: dict | None = None, labels: dict | None = None) -> None:
+        """Download the run's top-level files and this fold's folder into ``results``; with ``plans`` /
+        ``labels`` (this run's), first refuse a stored run that has others."""
         base = f"{self.prefix}/{results.name}/" if self.prefix else f"{results.name}/"
+        stored_plans, stored_dataset = base + "plans.json", base + "dataset.json"
+        if plans is not None and self.store.exists(self.bucket, stored_plans):
+            # the trainer records continue_training in its plans; it does not change the network
+            if _without(self.store.get_json(self.bucket, stored_plans), "continue_training") != \
+                    _without(plans, "continue_training"):
+                raise ValueError(f"{self.url}/{results.name} holds a run with other plans; choose another "
+                                 "--checkpoint-to, or delete that prefix to start over")
+        if labels is not None and self.store.exists(self.bucket, stored_dataset):
+            if self.store.get_json(self.bucket, stored_dataset).get("labels") != labels:
+                raise ValueError(f"{self.url}/{results.name} holds a run with other labels; choose another "
+                                 "--checkpoint-to, or delete that prefix to start over")
         wanted = [self.store.list_keys(self.bucket, base, recursive=False),  # plans.json, dataset.json, ...
                   self.store.list_keys(self.bucket, f"{base}fold_{fold}/")]
         for key in (k for keys in wanted for k in keys if not k.endswith("/")):
@@ -349,6 +365,10 @@ class CheckpointMirror:
         return {"url": self.url, "restored_files": len(self.restored),
                 "resumed_from_store": any(Path(k).name.startswith("checkpoint_") for k in self.restored),
                 "uploads": self.uploads, "upload_seconds": round(self.upload_seconds, 2)}
+
+
+def _without(document: dict, key: str) -> dict:
+    return {k: v for k, v in document.items() if k != key}
 
 
 def _tree_hash(folder: Path) -> str:
