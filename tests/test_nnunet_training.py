@@ -44,7 +44,7 @@ def test_train_nnunet_help():
     result = _cmrvl("train", "nnunet", "--help", timeout=60)
     assert result.returncode == 0, result.stderr
     for option in ("--raw", "--dataset-id", "--configuration", "--fold", "--work", "--profile", "--export-to",
-                   "--model-name", "--version", "--label-set"):
+                   "--model-name", "--version", "--label-set", "--checkpoint-to"):
         assert option in result.stdout
 
 
