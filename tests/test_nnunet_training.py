@@ -171,12 +171,12 @@ def test_killed_training_resumes_on_a_new_work_folder_from_the_store(tmp_path, s
     bucket, prefix = store.bucket("artifacts"), f"training-{run}/checkpoints"
     results_key = f"{prefix}/ReducedTrainer__nnUNetPlansReduced__2d"
     work = tmp_path / "work"
-    args = [sys.executable, "-m", "services.cli", "train", "nnunet",
+    args = ["train", "nnunet",
             "--raw", f"s3://{bucket}/training-{run}/Dataset902_Phantoms/", "--dataset-id", "902",
             "--configuration", "2d", "--fold", "all", "--work", str(work), "--profile", "reduced",
             "--iterations", "2", "--device", "cpu", "--no-evaluate", "--checkpoint-to", f"s3://{bucket}/{prefix}"]
     # The reduced trainer writes checkpoint_latest every 5 epochs; 50 epochs would take minutes.
-    first = subprocess.Popen([*args, "--epochs", "50"], cwd=REPO, env=_s3_env(stack_info),
+    first = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--epochs", "50"], cwd=REPO, env=_s3_env(stack_info),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = f"{results_key}/fold_all/checkpoint_latest.pth"
     try:
@@ -191,7 +191,7 @@ def test_killed_training_resumes_on_a_new_work_folder_from_the_store(tmp_path, s
     assert store.exists(bucket, f"{results_key}/fold_all/checkpoint_best.pth")
     shutil.rmtree(work)
 
-    second = _cmrvl(*args[3:], "--epochs", "11", env=_s3_env(stack_info))
+    second = _cmrvl(*args, "--epochs", "11", env=_s3_env(stack_info))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = _summary(second.stdout)
     # checkpoint_latest of epoch 5 (or 10 if the kill came late), from the store, not from scratch

@@ -314,30 +314,43 @@ class CheckpointMirror:
         self.restored: list[str] = []
         self.uploads, self.upload_seconds = 0, 0.0
 
+    def _base(self, results: Path) -> str:
+        """Key prefix of the results folder in the store."""
+        return f"{self.prefix}/{results.name}/" if self.prefix else f"{results.name}/"
+
     def _key(self, results: Path, path: Path) -> str:
-        relative = f"{results.name}/{path.relative_to(results).as_posix()}"
-        return f"{self.prefix}/{relative}" if self.prefix else relative
+        return self._base(results) + path.relative_to(results).as_posix()
 
     def restore(self, results: Path, fold, plans: dict | None = None, labels: dict | None = None) -> None:
         """Download the run's top-level files and this fold's folder into ``results``; with ``plans`` /
         ``labels`` (this run's), first refuse a stored run that has others."""
-        base = f"{self.prefix}/{results.name}/" if self.prefix else f"{results.name}/"
-        stored_plans, stored_dataset = base + "plans.json", base + "dataset.json"
-        if plans is not None and self.store.exists(self.bucket, stored_plans):
-            # the trainer records continue_training in its plans; it does not change the network
-            if _without(self.store.get_json(self.bucket, stored_plans), "continue_training") != \
-                    _without(plans, "continue_training"):
-                raise ValueError(f"{self.url}/{results.name} holds a run with other plans; choose another "
-                                 "--checkpoint-to, or delete that prefix to start over")
-        if labels is not None and self.store.exists(self.bucket, stored_dataset):
-            if self.store.get_json(self.bucket, stored_dataset).get("labels") != labels:
-                raise ValueError(f"{self.url}/{results.name} holds a run with other labels; choose another "
-                                 "--checkpoint-to, or delete that prefix to start over")
+        base = self._base(results)
+        stored_plans = self._stored_json(base + "plans.json") if plans is not None else None
+        # the trainer records continue_training in its plans; it does not change the network
+        if stored_plans is not None and _without(stored_plans, "continue_training") != \
+                _without(plans, "continue_training"):
+            raise self._other_run(results, "plans")
+        stored_dataset = self._stored_json(base + "dataset.json") if labels is not None else None
+        if stored_dataset is not None and stored_dataset.get("labels") != labels:
+            raise self._other_run(results, "labels")
         wanted = [self.store.list_keys(self.bucket, base, recursive=False),  # plans.json, dataset.json, ...
                   self.store.list_keys(self.bucket, f"{base}fold_{fold}/")]
         for key in (k for keys in wanted for k in keys if not k.endswith("/")):
             self.store.get_file(self.bucket, key, results / key[len(base):])
             self.restored.append(key[len(base):])
+
+    def _stored_json(self, key: str) -> dict | None:
+        """The JSON document at key, None when nothing is stored there yet (a new run)."""
+        from services.runtime.storage import ObjectNotFound
+
+        try:
+            return self.store.get_json(self.bucket, key)
+        except ObjectNotFound:
+            return None
+
+    def _other_run(self, results: Path, what: str) -> ValueError:
+        return ValueError(f"{self.url}/{results.name} holds a run with other {what}; choose another "
+                          "--checkpoint-to, or delete that prefix to start over")
 
     def push(self, results: Path, path: Path) -> None:
         start = time.perf_counter()
