@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: `.venv/` with the `cmrvl` command; with --dev also the test tooling:
 # the Helm/kubernetes-validate/checkov tools, and the servers with pins of their own, each in its
-# own venv under .venvs/ (Triton: numpy<2; vLLM: torch 2.13 CPU; training: llamafactory + Ray).
+# own venv under .venvs/ (Triton: numpy<2; vLLM: torch 2.13 CPU; training: llamafactory + Ray),
+# and the DICOM tools tests check against (Orthanc, DCMTK, dicom3tools; apt, as root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dev=0
@@ -15,7 +16,7 @@ else
   # The side venvs are independent: install them while the main one installs.
   mkdir -p .venvs
   pids=()
-  for tool in chart-tools triton vllm train; do
+  for tool in chart-tools triton vllm train dicom-tools; do
     bash "infra/tools/install-$tool.sh" > ".venvs/install-$tool.log" 2>&1 &
     pids+=("$!:$tool")
   done
