@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         "measure",
         help="LV/RV volumes, EF and LV mass from label maps (1 LV cavity, 2 LV myocardium, 3 RV)",
         description="Measure cardiac function from segmentation label maps and print one JSON object. "
-        "Give either --ed and --es (3D maps) or --labels (4D map, one volume per phase).",
+        "Give either --ed and --es (3D maps) or --labels (4D map, one volume per phase). Every "
+        "slice/phase cell counts as an image unless --manifest says otherwise.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", metavar="LABELS_4D.nii.gz", help="4D label map (x, y, z, phase)")
@@ -22,6 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument("--es", metavar="ES.nii.gz", help="end-systolic 3D label map (with --ed)")
     parser.add_argument("--ed-phase", type=int, metavar="N", help="0-based ED phase of --labels (default: max LV volume)")
     parser.add_argument("--es-phase", type=int, metavar="N", help="0-based ES phase of --labels (default: min LV volume)")
+    parser.add_argument("--manifest", metavar="MANIFEST.json",
+                        help="preprocessing's manifest of the study (with --labels): cells it lists without an "
+                        "image are gaps, never measured as empty (default: every cell holds an image)")
     parser.add_argument("--height-cm", type=float, metavar="H", help="height in cm (for BSA-indexed values)")
     parser.add_argument("--weight-kg", type=float, metavar="W", help="weight in kg (for BSA-indexed values)")
     parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON with this indent")
@@ -35,12 +39,14 @@ def _measure(args: argparse.Namespace) -> int:
         raise CommandError("--ed needs --es")
     if args.labels is None and (args.ed_phase is not None or args.es_phase is not None):
         raise CommandError("--ed-phase/--es-phase apply to --labels only")
+    if args.labels is None and args.manifest is not None:
+        raise CommandError("--manifest applies to --labels only")
     if (args.height_cm is None) != (args.weight_kg is None):
         raise CommandError("give both --height-cm and --weight-kg, or neither")
     for value, name in ((args.height_cm, "--height-cm"), (args.weight_kg, "--weight-kg")):
         if value is not None and value <= 0:
             raise CommandError(f"{name} must be positive")
-    for path in (args.labels, args.ed, args.es):
+    for path in (args.labels, args.ed, args.es, args.manifest):
         if path is not None and not Path(path).is_file():
             raise CommandError(f"no such file: {path}")
     try:
@@ -48,11 +54,11 @@ def _measure(args: argparse.Namespace) -> int:
             labels_4d=args.labels, ed=args.ed, es=args.es,
             ed_phase=args.ed_phase, es_phase=args.es_phase,
             height_m=args.height_cm / 100.0 if args.height_cm is not None else None,
-            weight_kg=args.weight_kg,
+            weight_kg=args.weight_kg, manifest=args.manifest,
         )
     except FileNotFoundError as exc:
         raise CommandError(f"cannot read {exc.filename or exc}") from None
-    except ValueError as exc:
+    except ValueError as exc:  # json.JSONDecodeError included
         raise CommandError(str(exc).splitlines()[0]) from None
     except Exception as exc:  # nibabel raises its own errors for unreadable files
         if type(exc).__module__.startswith("nibabel"):

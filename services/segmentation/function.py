@@ -4,6 +4,13 @@ Plain numpy/nibabel logic, no gRPC: volumes from voxel counts times the voxel vo
 affine, ED/ES selection, EDV/ESV/SV/EF, LV mass, BSA-indexed values, quality flags and adult
 normal reference ranges. Labels follow the platform convention: 1 LV cavity, 2 LV myocardium,
 3 RV cavity.
+
+Gaps (issue 14): preprocessing leaves zeros where a (slice, phase) cell has no image. Zeros are not
+images, so `measure_labels` takes a `present` mask [slice, phase] (`present_cells` derives it from
+the manifest's cine entry): labels in absent cells are ignored, a phase with an absent cell (on a
+slice acquired at other phases) is incomplete - a gap (null) in the volume curves and never ED or
+ES - and every gap is a quality flag. Values that no complete phase can support are null, and the
+flag that says why lists them under "keys".
 """
 
 from __future__ import annotations
@@ -28,6 +35,17 @@ INDEXED_KEYS = {
     "lv_massi_g_m2": "lv_mass_g",
     "rv_edvi_ml_m2": "rv_edv_ml", "rv_esvi_ml_m2": "rv_esv_ml", "rv_svi_ml_m2": "rv_sv_ml",
 }
+# The values each of ED and ES is needed for (plus their indexed forms, see `_with_indexed`).
+NEEDS_ED = ("lv_edv_ml", "lv_sv_ml", "lv_ef_pct", "lv_mass_g", "rv_edv_ml", "rv_sv_ml", "rv_ef_pct")
+NEEDS_ES = ("lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct")
+
+# Cavity volumes outside these are not a human ventricle but a segmentation error: neonatal LV
+# EDV is ~10 ml, ESV of a small hyperdynamic heart a few ml, and even severely dilated
+# cardiomyopathies stay below ~500 ml (LV) / ~600 ml (RV).
+PLAUSIBLE_CAVITY_ML = {"lv": (5.0, 500.0), "rv": (5.0, 600.0)}
+# A cine covers one cardiac cycle, so its first and last phases are both near end-diastole; a
+# prospectively triggered cine may miss the atrial kick (~20-30 % of the stroke volume) but no more.
+NON_CYCLIC_FRACTION_OF_SV = 0.3
 
 
 def voxel_volume_ml(affine) -> float:
@@ -63,15 +81,78 @@ def keep_largest_components(labels_3d: np.ndarray) -> tuple[np.ndarray, dict[int
     return cleaned, removed
 
 
-def _flag(code: str, message: str) -> dict[str, str]:
-    return {"code": code, "message": message}
+def _flag(code: str, message: str, keys=None, **extra) -> dict[str, Any]:
+    """A quality entry; `keys` names the measurements it leaves null (with their indexed forms)."""
+    flag: dict[str, Any] = {"code": code, "message": message}
+    if keys:
+        flag["keys"] = _with_indexed(keys)
+    flag.update(extra)
+    return flag
 
 
-def _ventricle(curve: np.ndarray, ed: int, es: int) -> tuple[float, float, float, float | None]:
-    edv, esv = float(curve[ed]), float(curve[es])
-    sv = edv - esv
-    ef = 100.0 * sv / edv if edv > 0 else None
-    return edv, esv, sv, ef
+def _with_indexed(keys) -> list[str]:
+    keys = list(dict.fromkeys(keys))
+    return keys + [k for k, source in INDEXED_KEYS.items() if source in keys and k not in keys]
+
+
+def _ranges(values) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5": compact, but every value is there."""
+    values, parts = sorted(values), []
+    for v in values:
+        if parts and v == parts[-1][1] + 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def describe_cells(cells) -> str:
+    """(slice, phase) pairs in words, grouped by phases that lack the same slices:
+    "slices 6-11 at phases 1, 3, 5" (every cell is named)."""
+    by_phase: dict[int, list[int]] = {}
+    for z, t in cells:
+        by_phase.setdefault(int(t), []).append(int(z))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for t, zs in sorted(by_phase.items()):
+        groups.setdefault(tuple(sorted(set(zs))), []).append(t)
+    return "; ".join(f"slice{'s' if len(zs) > 1 else ''} {_ranges(zs)} at phase{'s' if len(ts) > 1 else ''} "
+                     f"{_ranges(ts)}" for zs, ts in groups.items())
+
+
+def present_cells(series: dict, n_slices: int, n_phases: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Which (slice, phase) cells of a cine hold an image, from its manifest entry.
+
+    The manifest's `sop_instance_uids` [slice][phase] is null where preprocessing found no image
+    (the volume holds zeros there). Returns (present bool [slice, phase], quality flags); a
+    manifest without that grid counts every cell as present and says so.
+    """
+    uids = series.get("sop_instance_uids")
+    if uids is None:
+        return np.ones((n_slices, n_phases), bool), [_flag(
+            "presence_unknown", "the manifest does not list which slice/phase cells hold an image; "
+            "every cell was measured as acquired")]
+    if len(uids) != n_slices or any(len(row) != n_phases for row in uids):
+        sizes = sorted({len(row) for row in uids})
+        raise ValueError(f"manifest grid of {len(uids)} slices x {sizes} phases does not match the "
+                         f"volume's {n_slices} slices x {n_phases} phases")
+    return np.array([[uid is not None for uid in row] for row in uids], dtype=bool).reshape(n_slices, n_phases), []
+
+
+def _stack_holes(has: np.ndarray, present: np.ndarray) -> dict[int, list[int]]:
+    """Per phase, the acquired slices without the structure between slices that have it.
+
+    has, present: bool [slice, phase]. Absent cells are no evidence either way and are skipped."""
+    holes = {}
+    for t in range(has.shape[1]):
+        slices = np.flatnonzero(present[:, t])
+        with_it = slices[has[slices, t]]
+        if with_it.size < 2:
+            continue
+        inside = slices[(slices > with_it[0]) & (slices < with_it[-1])]
+        missing = [int(z) for z in inside if not has[z, t]]
+        if missing:
+            holes[t] = missing
+    return holes
 
 
 def measure_labels(
@@ -82,12 +163,17 @@ def measure_labels(
     height_m: float | None = None,
     weight_kg: float | None = None,
     clean: bool = True,
+    present: np.ndarray | None = None,
+    predicted_classes=None,
 ) -> dict[str, Any]:
     """Measure cardiac function from label maps of shape (x, y, z, phases) (a 3D map is one phase).
 
     ED is the phase of maximal LV cavity volume and ES that of minimal LV cavity volume among the
-    phases where the LV cavity is labelled, unless the caller gives them (0-based). With no LV the
-    RV curve picks them. Phases with no labels at all are skipped (label maps drawn at ED/ES only).
+    complete phases where the LV cavity is labelled, unless the caller gives them (0-based). With
+    no LV the RV curve picks them. Phases with no labels at all are skipped (label maps drawn at
+    ED/ES only). `present` (bool [slice, phase], see `present_cells`) says which cells hold an
+    image; None counts every cell as present. `predicted_classes`: the labels the model can output
+    (default all three); a class it never outputs is reported as not segmented, not as missing.
     """
     labels = np.asarray(labels_4d)
     if labels.ndim == 3:
@@ -98,12 +184,34 @@ def measure_labels(
     unknown = sorted(set(np.unique(labels).tolist()) - {0, *CLASS_NAMES})
     if unknown:
         raise ValueError(f"unexpected label values {unknown}; expected 0..3")
-    n_phases = labels.shape[3]
+    n_slices, n_phases = labels.shape[2], labels.shape[3]
     for name, phase in (("ed_phase", ed_phase), ("es_phase", es_phase)):
         if phase is not None and not 0 <= phase < n_phases:
             raise ValueError(f"{name}={phase} is outside 0..{n_phases - 1}")
+    present = np.ones((n_slices, n_phases), bool) if present is None else np.asarray(present, dtype=bool)
+    if present.shape != (n_slices, n_phases):
+        raise ValueError(f"present mask of shape {present.shape} does not match {n_slices} slices x {n_phases} phases")
+    predicted = set(CLASS_NAMES if predicted_classes is None else predicted_classes)
 
-    quality: list[dict[str, str]] = []
+    quality: list[dict[str, Any]] = []
+    # Zeros are not images: whatever a model labelled in an absent cell does not count.
+    labels[:, :, ~present] = 0
+    # A slice without an image in any phase (missing_slice) is left out of every phase alike, so
+    # phases stay comparable; a cell missing in some phases only makes those phases incomplete.
+    acquired = present.any(axis=1)
+    complete = present[acquired].all(axis=0) if acquired.any() else np.zeros(n_phases, bool)
+    incomplete = np.flatnonzero(~complete)
+    gaps = [(int(z), int(t)) for z, t in np.argwhere(~present) if acquired[z]]
+    if acquired.any() and not acquired.all():
+        quality.append(_flag(
+            "missing_slices", f"slice(s) {_ranges(np.flatnonzero(~acquired))} of {n_slices} have no image in any "
+            "phase: every volume leaves them out and is too small if the heart extends there"))
+    if gaps:
+        quality.append(_flag(
+            "incomplete_phases", f"{len(incomplete)} of {n_phases} phases lack images ({len(gaps)} cells: "
+            f"{describe_cells(gaps)}); they are gaps (null) in the volume curves and never ED or ES",
+            cells=[list(c) for c in gaps]))
+
     if clean:
         phases, removed_by_class = [], {}
         for t in range(n_phases):
@@ -128,19 +236,43 @@ def measure_labels(
     myo_curve = counts[LV_MYOCARDIUM] * vox_ml
     has_lv, has_rv = bool(lv_curve.any()), bool(rv_curve.any())
 
-    # Choose ED/ES among labelled phases of the reference ventricle.
-    ref_curve = lv_curve if has_lv else rv_curve
-    labelled = np.flatnonzero(ref_curve > 0)
+    # Choose ED/ES among the complete, labelled phases of the reference ventricle.
+    ref_name, ref_curve = ("LV cavity", lv_curve) if has_lv else ("RV cavity", rv_curve)
+    candidates = np.flatnonzero(complete & (ref_curve > 0))
     if ed_phase is None or es_phase is None:
-        if labelled.size == 0:
+        if not (has_lv or has_rv):
             quality.append(_flag("empty_class", "no LV or RV cavity labelled in any phase"))
+        elif candidates.size == 0:
+            quality.append(_flag(
+                "no_complete_phase", f"no complete phase has the {ref_name} labelled: ED and ES cannot be "
+                "chosen and nothing is measured", keys=NEEDS_ED + NEEDS_ES))
         else:
             if not has_lv:
                 quality.append(_flag("ed_es_from_rv", "no LV cavity labelled: ED/ES chosen from the RV curve"))
             if ed_phase is None:
-                ed_phase = int(labelled[np.argmax(ref_curve[labelled])])
+                ed_phase = int(candidates[np.argmax(ref_curve[candidates])])
             if es_phase is None:
-                es_phase = int(labelled[np.argmin(ref_curve[labelled])])
+                if candidates.size == 1 and gaps:  # the other labelled phases all have gaps
+                    quality.append(_flag(
+                        "es_not_measurable", f"phase {candidates[0]} is the only complete phase with the "
+                        f"{ref_name} labelled, so ES cannot be chosen (phases {_ranges(incomplete)} are "
+                        "incomplete)", keys=NEEDS_ES))
+                else:
+                    es_phase = int(candidates[np.argmin(ref_curve[candidates])])
+            if gaps:
+                quality.append(_flag(
+                    "ed_es_from_complete_phases", f"ED/ES were chosen among the {candidates.size} complete "
+                    f"labelled phases of {n_phases}; the true ED or ES may lie in incomplete phases "
+                    f"{_ranges(incomplete)}"))
+    # A phase the caller gave can still have gaps: its values would count zeros as cavity.
+    if ed_phase is not None and not complete[ed_phase]:
+        quality.append(_flag("phase_incomplete", f"ED phase {ed_phase} lacks images on slice(s) "
+                             f"{_ranges(z for z, t in gaps if t == ed_phase)}: ED values not measured", keys=NEEDS_ED))
+        ed_phase = None
+    if es_phase is not None and not complete[es_phase]:
+        quality.append(_flag("phase_incomplete", f"ES phase {es_phase} lacks images on slice(s) "
+                             f"{_ranges(z for z, t in gaps if t == es_phase)}: ES values not measured", keys=NEEDS_ES))
+        es_phase = None
     if ed_phase is not None and ed_phase == es_phase and n_phases > 1:
         quality.append(_flag("ed_equals_es", f"ED and ES are the same phase ({ed_phase})"))
 
@@ -150,26 +282,63 @@ def measure_labels(
         "es_phase": es_phase,
         "n_phases": n_phases,
         "voxel_volume_ml": vox_ml,
-        "lv_volume_curve_ml": [float(v) for v in lv_curve],
-        "rv_volume_curve_ml": [float(v) for v in rv_curve],
+        "lv_volume_curve_ml": [float(v) if complete[t] else None for t, v in enumerate(lv_curve)],
+        "rv_volume_curve_ml": [float(v) if complete[t] else None for t, v in enumerate(rv_curve)],
     })
 
-    if ed_phase is not None and es_phase is not None:
-        for prefix, curve, present, cls in (("lv", lv_curve, has_lv, LV_CAVITY), ("rv", rv_curve, has_rv, RV_CAVITY)):
-            if not present:
-                quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is not labelled in any phase"))
+    if ed_phase is not None or es_phase is not None:
+        for prefix, curve, labelled, cls in (("lv", lv_curve, has_lv, LV_CAVITY), ("rv", rv_curve, has_rv, RV_CAVITY)):
+            keys = [k for k in MEASUREMENT_KEYS if k.startswith(prefix) and k != "lv_mass_g"]
+            if not labelled:
+                if cls not in predicted:
+                    quality.append(_flag("class_not_segmented", f"the segmentation model does not label the "
+                                         f"{CLASS_NAMES[cls]}: {prefix.upper()} values not measured", keys=keys))
+                else:
+                    quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is not labelled in any phase", keys=keys))
                 continue
             for phase_name, phase in (("ED", ed_phase), ("ES", es_phase)):
-                if curve[phase] == 0:
+                if phase is None:
+                    continue
+                volume = float(curve[phase])
+                result[f"{prefix}_{phase_name.lower()}v_ml"] = volume
+                low, high = PLAUSIBLE_CAVITY_ML[prefix]
+                if volume == 0:
                     quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is empty at {phase_name} (phase {phase})"))
-            edv, esv, sv, ef = _ventricle(curve, ed_phase, es_phase)
-            result.update({f"{prefix}_edv_ml": edv, f"{prefix}_esv_ml": esv, f"{prefix}_sv_ml": sv, f"{prefix}_ef_pct": ef})
-            if ef is not None and not 0.0 <= ef <= 100.0:
-                quality.append(_flag("ef_out_of_range", f"{prefix.upper()} EF {ef:.1f}% is outside 0-100%"))
-        if myo_curve[ed_phase] > 0:
-            result["lv_mass_g"] = float(myo_curve[ed_phase]) * MYOCARDIAL_DENSITY_G_PER_ML
-        elif has_lv:
-            quality.append(_flag("empty_class", f"LV myocardium is empty at ED (phase {ed_phase})"))
+                elif not low <= volume <= high:
+                    quality.append(_flag(
+                        "implausible_volume", f"{prefix.upper()} {phase_name}V {volume:.1f} ml is outside "
+                        f"{low:g}-{high:g} ml, the range of a human {CLASS_NAMES[cls]}: likely a segmentation error"))
+            if ed_phase is not None and es_phase is not None:
+                edv, esv = result[f"{prefix}_edv_ml"], result[f"{prefix}_esv_ml"]
+                result[f"{prefix}_sv_ml"] = edv - esv
+                ef = result[f"{prefix}_ef_pct"] = 100.0 * (edv - esv) / edv if edv > 0 else None
+                if ef is not None and not 0.0 <= ef <= 100.0:
+                    quality.append(_flag("ef_out_of_range", f"{prefix.upper()} EF {ef:.1f}% is outside 0-100%"))
+                sv = edv - esv
+                first, last = float(curve[0]), float(curve[-1])
+                if n_phases >= 3 and sv > 0 and complete[0] and complete[-1] and first > 0 and last > 0 \
+                        and abs(first - last) > NON_CYCLIC_FRACTION_OF_SV * sv:
+                    quality.append(_flag(
+                        "non_cyclic_curve", f"{prefix.upper()} volume is {first:.1f} ml at the first phase and "
+                        f"{last:.1f} ml at the last, {100 * abs(first - last) / sv:.0f}% of the stroke volume: the "
+                        "cine may not cover one whole cardiac cycle, or the segmentation is inconsistent"))
+        if ed_phase is not None:
+            if myo_curve[ed_phase] > 0:
+                result["lv_mass_g"] = float(myo_curve[ed_phase]) * MYOCARDIAL_DENSITY_G_PER_ML
+            elif has_lv and LV_MYOCARDIUM not in predicted:
+                quality.append(_flag("class_not_segmented", "the segmentation model does not label the LV "
+                                     "myocardium: LV mass not measured", keys=["lv_mass_g"]))
+            elif has_lv:
+                quality.append(_flag("empty_class", f"LV myocardium is empty at ED (phase {ed_phase})", keys=["lv_mass_g"]))
+
+    # A ventricle missing on a slice between slices that have it is a segmentation hole.
+    for cls in (LV_CAVITY, RV_CAVITY):
+        holes = _stack_holes((labels == cls).any(axis=(0, 1)), present)
+        if holes:
+            quality.append(_flag(
+                "stack_hole", f"{CLASS_NAMES[cls]} is missing on slices inside the stack where slices above and "
+                f"below have it, in {len(holes)} of {n_phases} phase(s) ({describe_cells((z, t) for t, zs in holes.items() for z in zs)}): "
+                "its volume there is likely too small"))
 
     bsa = None
     if height_m is not None and weight_kg is not None:
@@ -218,12 +387,30 @@ def measure_files(
     es_phase: int | None = None,
     height_m: float | None = None,
     weight_kg: float | None = None,
+    manifest: str | Path | None = None,
 ) -> dict[str, Any]:
-    """`measure_labels` on NIfTI files (see `load_labels`); explicit phases apply to a 4D file."""
+    """`measure_labels` on NIfTI files (see `load_labels`); explicit phases apply to a 4D file.
+
+    `manifest` (preprocessing's manifest.json, 4D file only): its short-axis cine entry says which
+    cells hold an image (`present_cells`). Without it every cell counts as present.
+    """
     data, affine, ed_default, es_default = load_labels(labels_4d, ed, es)
     if labels_4d is None:
         ed_phase, es_phase = ed_default, es_default
-    return measure_labels(data, affine, ed_phase, es_phase, height_m, weight_kg)
+    present, flags = None, []
+    if manifest is not None:
+        import json
+
+        from services.preprocess.study import primary_series
+
+        series = primary_series(json.loads(Path(manifest).read_text()), "cine_sax")
+        if series is None:
+            raise ValueError(f"{manifest}: no short-axis cine series")
+        shape = data.shape + (1,) * (4 - data.ndim)
+        present, flags = present_cells(series, shape[2], shape[3])
+    result = measure_labels(data, affine, ed_phase, es_phase, height_m, weight_kg, present=present)
+    result["quality"][:0] = flags
+    return result
 
 
 # --- Normal adult reference ranges ------------------------------------------------------------

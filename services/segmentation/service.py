@@ -75,7 +75,7 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
         import nibabel as nib
         import numpy as np
 
-        from services.segmentation.function import measure_labels
+        from services.segmentation.function import measure_labels, present_cells
 
         artifacts = self.store.bucket("artifacts")
         manifest = self.store.get_json(request.manifest.bucket, request.manifest.key)
@@ -91,6 +91,10 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
             if image.ndim != 4:
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"cine volume must be 4D, got shape {image.shape}")
             try:
+                present, presence_flags = present_cells(series, image.shape[2], image.shape[3])
+            except ValueError as exc:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"manifest and cine volume disagree: {exc}") from None
+            try:
                 labels = segmenter.segment_cine(image, cine.affine).astype(np.uint8)
             except BackendUnavailable as exc:
                 raise StageError(grpc.StatusCode.UNAVAILABLE, f"segmentation model server unavailable: {exc}") from None
@@ -98,12 +102,16 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
                 raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, f"segmentation model server too slow: {exc}") from None
             except InvalidInput as exc:
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"cine rejected by the model: {exc}") from None
+            # The zeros preprocessing put in cells without an image are not anatomy: no labels there.
+            labels[:, :, ~present] = 0
             labels_path = Path(tmp) / "labels.nii.gz"
             nib.save(nib.Nifti1Image(labels, cine.affine), labels_path)
             patient = manifest.get("patient", {})
             height = request.height_m if request.HasField("height_m") else patient.get("height_m")
             weight = request.weight_kg if request.HasField("weight_kg") else patient.get("weight_kg")
-            measurements = measure_labels(labels, cine.affine, height_m=height, weight_kg=weight)
+            measurements = measure_labels(labels, cine.affine, height_m=height, weight_kg=weight, present=present,
+                                          predicted_classes=set(segmenter.lut.tolist()) - {0})
+            measurements["quality"][:0] = presence_flags
             prefix = STAGE_PREFIX.format(study_id=request.study_id)
             labels_ref = self.store.put_file(artifacts, prefix + "labels.nii.gz", labels_path)
         model = common_pb2.ModelInfo(
