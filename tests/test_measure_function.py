@@ -203,3 +203,137 @@ def test_cli_errors_are_one_line(tmp_path, capsys, extra, message):
     assert captured.out == ""
     assert captured.err.startswith("cmrvl measure: error:") and message in captured.err
     assert captured.err.count("\n") == 1
+
+
+# --- gaps (issue 14) and quality flags (issue 13) ------------------------------------------------
+
+def codes(result) -> list[str]:
+    return [f["code"] for f in result["quality"]]
+
+
+def flag(result, code) -> dict:
+    (found,) = [f for f in result["quality"] if f["code"] == code]
+    return found
+
+
+def test_absent_cells_are_gaps_not_zeros():
+    # ES (phase 3) lacks slices 4-6: counted as zeros its LV would be half the size and EF inflated.
+    labels, present = cycle_4d(), np.ones((8, 5), bool)
+    present[4:7, 3] = False
+    labels[:, :, 4:7, 3] = 0  # what a model makes of preprocessing's zeros
+    blind = measure_labels(labels, oblique_affine())
+    assert blind["es_phase"] == 3 and blind["lv_ef_pct"] > 75  # the issue's garbage
+    result = measure_labels(labels, oblique_affine(), present=present)
+    assert result["lv_volume_curve_ml"][3] is None and result["rv_volume_curve_ml"][3] is None
+    assert result["lv_volume_curve_ml"][2] == pytest.approx(expected(*CYCLE[2])["lv"])
+    # ES is the smallest complete phase (2 or 4, the same volume): never the incomplete one.
+    assert result["ed_phase"] == 1 and result["es_phase"] == 2
+    assert result["lv_esv_ml"] == pytest.approx(expected(*CYCLE[2])["lv"])
+    gaps = flag(result, "incomplete_phases")
+    assert gaps["cells"] == [[4, 3], [5, 3], [6, 3]] and "slices 4-6 at phase 3" in gaps["message"]
+    assert "incomplete phase(s) 3" in flag(result, "ed_es_from_complete_phases")["message"]
+
+
+def test_labels_in_absent_cells_do_not_count():
+    labels, present = cycle_4d(), np.ones((8, 5), bool)
+    present[0, :] = False  # slice 0: never acquired; the model still labelled something there
+    labels[20:30, 20:30, 0, :] = 1
+    result = measure_labels(labels, oblique_affine(), present=present)
+    assert result["lv_edv_ml"] == pytest.approx(96.0)
+    assert "missing_slices" in codes(result) and "incomplete_phases" not in codes(result)
+    # A never-acquired slice inside the ventricle does not split it for the component cleaning.
+    present = np.ones((8, 5), bool)
+    present[3, :] = False
+    labels = cycle_4d()
+    labels[:, :, 3] = 0
+    result = measure_labels(labels, oblique_affine(), present=present)
+    assert result["lv_edv_ml"] == pytest.approx(96.0 * 5 / 6) and "components_removed" not in codes(result)
+    assert None not in result["lv_volume_curve_ml"]  # a slice missing in every phase leaves phases comparable
+
+
+def test_no_complete_es_gives_null_with_reason():
+    # Labelled at ED and ES only (expert style); ES has a gap: no other complete phase can be ES.
+    labels, present = np.zeros((64, 64, 8, 4), np.uint8), np.ones((8, 4), bool)
+    labels[..., 1], labels[..., 3] = heart_phase(10, 16), heart_phase(6, 8)
+    present[5, 3] = False
+    labels[:, :, 5, 3] = 0
+    result = measure_labels(labels, oblique_affine(), height_m=1.8, weight_kg=80, present=present)
+    assert result["ed_phase"] == 1 and result["es_phase"] is None
+    assert result["lv_edv_ml"] == pytest.approx(96.0) and result["lv_mass_g"] is not None
+    for key in ("lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_ef_pct", "lv_esvi_ml_m2"):
+        assert result[key] is None
+    reason = flag(result, "es_not_measurable")
+    assert {"lv_esv_ml", "lv_ef_pct", "rv_esv_ml", "lv_esvi_ml_m2"} <= set(reason["keys"])
+    assert "lv_edv_ml" not in reason["keys"]
+
+
+def test_given_phase_with_gap_is_not_measured():
+    present = np.ones((8, 5), bool)
+    present[2, 3] = False
+    result = measure_labels(cycle_4d(), oblique_affine(), ed_phase=1, es_phase=3, present=present)
+    assert result["es_phase"] is None and result["lv_esv_ml"] is None and result["lv_edv_ml"] == pytest.approx(96.0)
+    assert "lv_ef_pct" in flag(result, "phase_incomplete")["keys"]
+    with pytest.raises(ValueError, match="does not match"):
+        measure_labels(cycle_4d(), oblique_affine(), present=np.ones((8, 4), bool))
+
+
+def test_present_cells_from_manifest_entry():
+    from services.segmentation.function import present_cells
+
+    uids = [[f"1.2.{z}.{t}" for t in range(3)] for z in range(2)]
+    uids[1][2] = None
+    present, flags = present_cells({"sop_instance_uids": uids}, 2, 3)
+    assert present.tolist() == [[True, True, True], [True, True, False]] and flags == []
+    present, flags = present_cells({}, 2, 3)
+    assert present.all() and [f["code"] for f in flags] == ["presence_unknown"]
+    with pytest.raises(ValueError, match="does not match"):
+        present_cells({"sop_instance_uids": uids}, 2, 4)
+
+
+def test_implausible_volume_flagged():
+    # The same phantom in 10x larger voxels: LV EDV 960 ml is no human ventricle.
+    affine = oblique_affine()
+    affine[:3, :3] *= 10 ** (1 / 3)
+    result = measure_labels(cycle_4d(), affine)
+    assert result["lv_edv_ml"] == pytest.approx(960.0)
+    assert any(f["code"] == "implausible_volume" and "LV EDV" in f["message"] for f in result["quality"])
+    assert "implausible_volume" not in codes(measure_labels(cycle_4d(), oblique_affine()))
+
+
+def test_class_the_model_does_not_segment_is_not_called_missing():
+    labels = cycle_4d()
+    labels[labels == 3] = 0
+    lv_only = measure_labels(labels, oblique_affine(), predicted_classes={1, 2})
+    assert "rv_ef_pct" in flag(lv_only, "class_not_segmented")["keys"] and "empty_class" not in codes(lv_only)
+    full_model = measure_labels(labels, oblique_affine(), predicted_classes={1, 2, 3})
+    assert "rv_ef_pct" in flag(full_model, "empty_class")["keys"] and "class_not_segmented" not in codes(full_model)
+    # Myocardium: absent although predicted.
+    labels[labels == 2] = 0
+    assert "lv_mass_g" in flag(measure_labels(labels, oblique_affine(), predicted_classes={1, 2}), "empty_class")["keys"]
+
+
+def test_hole_in_the_stack_flagged():
+    labels = cycle_4d()
+    labels[:, :, 3, 1][labels[:, :, 3, 1] == 1] = 2  # LV cavity lost on slice 3 at ED, slices 2 and 4 have it
+    result = measure_labels(labels, oblique_affine())
+    assert "slice 3 at phase 1" in flag(result, "stack_hole")["message"]
+    # A gap in the data is not a hole in the segmentation.
+    present = np.ones((8, 5), bool)
+    present[3, 1] = False
+    assert "stack_hole" not in codes(measure_labels(labels, oblique_affine(), present=present))
+    # A stray blob two slices beyond the ventricle (not overlapping it in-plane) is not a hole either.
+    labels = cycle_4d()
+    labels[:, :, 6, 1][labels[:, :, 6, 1] == 1] = 0  # LV now on slices 1-5
+    labels[60:62, 60:62, 7, 1] = 1
+    assert "stack_hole" not in codes(measure_labels(labels, oblique_affine()))
+    assert "stack_hole" not in codes(measure_labels(cycle_4d(), oblique_affine()))
+
+
+def test_non_cyclic_curve_flagged():
+    labels = cycle_4d()
+    labels[..., 4] = heart_phase(6, 8)  # the last phase as small as ES: not back to diastole
+    result = measure_labels(labels, oblique_affine())
+    messages = [f["message"] for f in result["quality"] if f["code"] == "non_cyclic_curve"]
+    assert [m[:2] for m in messages] == ["LV", "RV"] and "% of the stroke volume" in messages[0]
+    # Within the tolerance (the phantom's last phase is 26 % of SV below its first) nothing is flagged.
+    assert "non_cyclic_curve" not in codes(measure_labels(cycle_4d(), oblique_affine()))

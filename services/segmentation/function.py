@@ -138,18 +138,22 @@ def present_cells(series: dict, n_slices: int, n_phases: int) -> tuple[np.ndarra
     return np.array([[uid is not None for uid in row] for row in uids], dtype=bool).reshape(n_slices, n_phases), []
 
 
-def _stack_holes(has: np.ndarray, present: np.ndarray) -> dict[int, list[int]]:
+def _stack_holes(mask: np.ndarray, present: np.ndarray) -> dict[int, list[int]]:
     """Per phase, the acquired slices without the structure between slices that have it.
 
-    has, present: bool [slice, phase]. Absent cells are no evidence either way and are skipped."""
+    mask: bool (x, y, slice, phase) of one class; present: bool [slice, phase]. Absent cells are no
+    evidence either way and are skipped. A gap counts only when the structure on both sides of it
+    overlaps in-plane (one ventricle, interrupted): a stray blob elsewhere is not a hole."""
+    has = mask.any(axis=(0, 1))
     holes = {}
-    for t in range(has.shape[1]):
+    for t in range(mask.shape[3]):
         slices = np.flatnonzero(present[:, t])
         with_it = slices[has[slices, t]]
-        if with_it.size < 2:
-            continue
-        inside = slices[(slices > with_it[0]) & (slices < with_it[-1])]
-        missing = [int(z) for z in inside if not has[z, t]]
+        missing = []
+        for below, above in zip(with_it[:-1], with_it[1:]):
+            between = [int(z) for z in slices if below < z < above]
+            if between and (mask[:, :, below, t] & mask[:, :, above, t]).any():
+                missing += between
         if missing:
             holes[t] = missing
     return holes
@@ -208,14 +212,20 @@ def measure_labels(
             "phase: every volume leaves them out and is too small if the heart extends there"))
     if gaps:
         quality.append(_flag(
-            "incomplete_phases", f"{len(incomplete)} of {n_phases} phases lack images ({len(gaps)} cells: "
+            "incomplete_phases", f"{len(incomplete)} of {n_phases} phase(s) lack images ({len(gaps)} cell(s): "
             f"{describe_cells(gaps)}); they are gaps (null) in the volume curves and never ED or ES",
             cells=[list(c) for c in gaps]))
 
+    # Holes are looked for before cleaning: dropping the smaller side of a hole would hide it.
+    holes = {cls: _stack_holes(labels == cls, present) for cls in (LV_CAVITY, RV_CAVITY)}
     if clean:
         phases, removed_by_class = [], {}
         for t in range(n_phases):
-            cleaned, removed = keep_largest_components(labels[..., t])
+            # Components over the acquired slices only: a slice without an image must not split a
+            # ventricle in two and have its smaller side removed.
+            acquired_at_t = np.flatnonzero(present[:, t])
+            cleaned = labels[..., t].copy()
+            cleaned[:, :, acquired_at_t], removed = keep_largest_components(labels[:, :, acquired_at_t, t])
             phases.append(cleaned)
             for cls, n in removed.items():
                 removed_by_class.setdefault(cls, {})[t] = n
@@ -255,14 +265,13 @@ def measure_labels(
                 if candidates.size == 1 and gaps:  # the other labelled phases all have gaps
                     quality.append(_flag(
                         "es_not_measurable", f"phase {candidates[0]} is the only complete phase with the "
-                        f"{ref_name} labelled, so ES cannot be chosen (phases {_ranges(incomplete)} are "
-                        "incomplete)", keys=NEEDS_ES))
+                        f"{ref_name} labelled, so ES cannot be chosen (incomplete phase(s): {_ranges(incomplete)})", keys=NEEDS_ES))
                 else:
                     es_phase = int(candidates[np.argmin(ref_curve[candidates])])
             if gaps:
                 quality.append(_flag(
                     "ed_es_from_complete_phases", f"ED/ES were chosen among the {candidates.size} complete "
-                    f"labelled phases of {n_phases}; the true ED or ES may lie in incomplete phases "
+                    f"labelled phase(s) of {n_phases}; the true ED or ES may lie in the incomplete phase(s) "
                     f"{_ranges(incomplete)}"))
     # A phase the caller gave can still have gaps: its values would count zeros as cavity.
     if ed_phase is not None and not complete[ed_phase]:
@@ -332,13 +341,12 @@ def measure_labels(
                 quality.append(_flag("empty_class", f"LV myocardium is empty at ED (phase {ed_phase})", keys=["lv_mass_g"]))
 
     # A ventricle missing on a slice between slices that have it is a segmentation hole.
-    for cls in (LV_CAVITY, RV_CAVITY):
-        holes = _stack_holes((labels == cls).any(axis=(0, 1)), present)
-        if holes:
+    for cls, by_phase in holes.items():
+        if by_phase:
+            cells = describe_cells((z, t) for t, zs in by_phase.items() for z in zs)
             quality.append(_flag(
-                "stack_hole", f"{CLASS_NAMES[cls]} is missing on slices inside the stack where slices above and "
-                f"below have it, in {len(holes)} of {n_phases} phase(s) ({describe_cells((z, t) for t, zs in holes.items() for z in zs)}): "
-                "its volume there is likely too small"))
+                "stack_hole", f"{CLASS_NAMES[cls]} is missing inside the stack, where slices above and below have "
+                f"it, in {len(by_phase)} of {n_phases} phase(s) ({cells}): its volume there is likely too small"))
 
     bsa = None
     if height_m is not None and weight_kg is not None:
