@@ -150,13 +150,27 @@ def test_seg_uids_are_deterministic(study):
     first = study.segs[study.es]
     assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (first.SeriesInstanceUID, first.SOPInstanceUID)
     changed = study.labels.copy()
-    changed[changed == 3] = 0  # different labels at ES: same series, a new instance UID
+    es_labels = changed[..., study.es]
+    es_labels[es_labels == 3] = 0  # different labels at ES: same series, a new instance UID
     other = build_seg(STUDY, study.manifest, changed, MODEL, study.es, study.measurements)
     assert other.SeriesInstanceUID == first.SeriesInstanceUID
     assert other.SOPInstanceUID != first.SOPInstanceUID
     assert {i.ReferencedSegmentNumber for f in other.PerFrameFunctionalGroupsSequence
-            for i in f.SegmentIdentificationSequence} == {1}  # RV empty: described, no frames
+            for i in f.SegmentIdentificationSequence} == {1}  # RV empty at ES only: described, no frames
     assert len(other.SegmentSequence) == 3
+    # Another run (a re-submission) writes its own series and instances.
+    rerun = build_seg(STUDY, study.manifest, study.labels, MODEL, study.es, study.measurements, run="second")
+    assert rerun.SeriesInstanceUID != first.SeriesInstanceUID and rerun.SOPInstanceUID != first.SOPInstanceUID
+
+
+def test_seg_describes_no_segment_the_label_map_never_has(study):
+    """An LV-only model (the shipped default) gives a SEG without an RV segment."""
+    from services.segmentation.dicom_seg import build_seg
+
+    lv_only = study.labels.copy()
+    lv_only[lv_only == 3] = 0
+    seg = build_seg(STUDY, study.manifest, lv_only, MODEL, study.ed, study.measurements)
+    assert [(i.SegmentNumber, i.SegmentLabel) for i in seg.SegmentSequence] == [(1, "LV cavity"), (2, "LV myocardium")]
 
 
 def test_seg_rejects_a_label_map_in_another_grid(study):
@@ -206,17 +220,33 @@ def test_sr_codes_and_units(sr):
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
 
 
+def structure_groups(sr) -> dict[str, tuple[str, list[int]]]:
+    """{tracking identifier: (SEG SOP Instance UID, segment numbers)} of the per-structure groups:
+    TID 1411 groups, or (sources with invalid UIDs) TID 1501 groups whose source is the SEG."""
+    refs = {}
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        ref = group.referenced_segment
+        refs[group.tracking_identifier] = (ref.referenced_sop_instance_uid, ref.referenced_segment_numbers)
+    for group in sr.content.get_image_measurement_groups():
+        for item in group[0].ContentSequence:
+            if item.ValueType == "IMAGE" and "ReferencedSegmentNumber" in item.ReferencedSOPSequence[0]:
+                ref = item.ReferencedSOPSequence[0]
+                refs[group.tracking_identifier] = (ref.ReferencedSOPInstanceUID, [int(ref.ReferencedSegmentNumber)])
+    return refs
+
+
 def test_sr_references_the_seg(study, sr):
     seg_by_uid = {s.SOPInstanceUID: t for t, s in study.segs.items()}
-    groups = sr.content.get_volumetric_roi_measurement_groups()
-    refs = {}
-    for group in groups:
-        ref = group.referenced_segment
-        refs[group.tracking_identifier] = (seg_by_uid[ref.referenced_sop_instance_uid],
-                                           ref.referenced_segment_numbers)
+    refs = {label: (seg_by_uid[uid], numbers) for label, (uid, numbers) in structure_groups(sr).items()}
     ed, es = study.ed, study.es
     assert refs == {"LV cavity at ED": (ed, [1]), "LV cavity at ES": (es, [1]), "LV myocardium at ED": (ed, [2]),
                     "RV cavity at ED": (ed, [3]), "RV cavity at ES": (es, [3])}
+    # Sunnybrook's UIDs are invalid: no content item may carry them (DCMTK refuses the SR), so the
+    # per-structure groups are TID 1501 ones referencing the SEG, not TID 1411 ones.
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    content_uids = {str(e.value) for item in sr.ContentSequence for e in item.iterall()
+                    if e.VR == "UI" and e.keyword in ("ReferencedSOPInstanceUID", "UID")}
+    assert content_uids.isdisjoint(set(study.entry["sop_instance_uids"][0]) | {study.entry["series_instance_uid"]})
     evidence = {(series.SeriesInstanceUID, item.ReferencedSOPInstanceUID)
                 for study_item in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study_item.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
@@ -238,8 +268,7 @@ def test_sr_leaves_out_null_values(study):
     partial = hd.sr.Comprehensive3DSR.from_dataset(build_sr(study.segs, study.headers, report))
     assert read_sr_measurements(partial) == _expected(measurements)
     assert set(read_sr_measurements(partial)) == {"lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "lv_mass_g"}
-    assert {g.tracking_identifier for g in partial.content.get_volumetric_roi_measurement_groups()} == \
-        {"LV cavity at ED", "LV cavity at ES", "LV myocardium at ED"}
+    assert set(structure_groups(partial)) == {"LV cavity at ED", "LV cavity at ES", "LV myocardium at ED"}
 
 
 def test_sr_uids_are_deterministic(study, sr):
@@ -249,6 +278,8 @@ def test_sr_uids_are_deterministic(study, sr):
     assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (sr.SeriesInstanceUID, sr.SOPInstanceUID)
     changed = dict(study.report, measurements=dict(study.report["measurements"], lv_ef_pct=50.0))
     assert build_sr(study.segs, study.headers, changed).SOPInstanceUID != sr.SOPInstanceUID
+    rerun = build_sr(study.segs, study.headers, study.report, run="second")
+    assert rerun.SeriesInstanceUID != sr.SeriesInstanceUID and rerun.SOPInstanceUID != sr.SOPInstanceUID
 
 
 def test_default_phases_are_ed_es_or_the_labelled_ones(study):

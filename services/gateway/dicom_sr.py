@@ -8,16 +8,29 @@ Layout of the report (highdicom templates):
 - One volumetric ROI group (TID 1411) per measured structure and phase, referencing its SEG
   segment: LV cavity at ED (EDV), LV cavity at ES (ESV), LV myocardium at ED (mass), RV cavity
   at ED / ES. Volumes of a segmented structure are what TID 1411 is for.
+- Source studies with invalid UIDs (leading zeros: Sunnybrook, many real studies): TID 1411
+  must name the SEG's source images or series in the content tree, and DCMTK (dsrdump, dsr2xml,
+  DCMTK-based viewers) refuses to read an SR whose content items hold an invalid UID. Those
+  groups are then TID 1501 groups with the same tracking identifier, finding site and values,
+  whose source image is the SEG instance with the segment number (ReferencedSegmentNumber): the
+  content tree holds only the platform's own UIDs. The real source UIDs stay referenced,
+  unchanged, in CurrentRequestedProcedureEvidenceSequence and in the SEG; validators report
+  them there as the source's own errors (the report's quality section says so).
 - One group (TID 1501) per ventricle for what derives from both phases (SV, EF), with the ED
   and ES SEG instances as its source images and the ventricle as finding site.
 - BSA-indexed values sit next to their absolute value, with the same concept name, a /m2 unit
   and Measurement Method = LN 8277-6 "BSA" (CID 3455 Index Method); that pair (concept, method)
   is what `read_sr_measurements` maps back to a key. BSA itself is not written.
 - Null values are left out; a group without values is left out.
-- Observer context: the segmentation model as the device observer (TID 1004); each group and
-  measurement also names it as algorithm (name, version).
-- UIDs are derived like the SEG's: series from study + model, instance also from the SEG
-  instances and the values written. Same inputs, same UIDs.
+- Observer context: the segmentation model as the device observer (TID 1004, its UID is the
+  SEG's DeviceSerialNumber); each group and measurement also names it as algorithm.
+- Patient/study attributes are the source's, element for element (`copy_study_attributes`);
+  ContributingEquipmentSequence names the scanner as acquisition equipment (DCM 109101), as in
+  the SEG; the SR's own equipment (Manufacturer) is the platform.
+- UIDs are derived like the SEG's: series from run + study + model, instance also from the SEG
+  instances and the values written. The same run retried gives the same UIDs; each run (the
+  gateway's study_id) has its own series. A run that replaces an earlier SR of the study names
+  it in PredecessorDocumentsSequence (`predecessors`).
 
 Codes (all from pydicom 3.0's code dictionary, which is generated from DICOM PS3.16; CID =
 context group there):
@@ -39,13 +52,14 @@ context group there):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from services.segmentation.dicom_seg import MANUFACTURER, derived_uid, lo, read_source_headers, segment_codes
+from services.segmentation.dicom_seg import (MANUFACTURER, _repaired, copy_study_attributes, derived_uid,
+                                             device_uid, lo, read_source_headers, segment_codes)
 
 SR_SERIES_NUMBER = 9002
 
@@ -127,21 +141,43 @@ def _referenced_segment(seg: Dataset, number: int):
             source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
 
 
-def _seg_sources(segs: Sequence[Dataset]) -> set[str]:
+def seg_source_uids(segs: Iterable[Dataset]) -> set[str]:
+    """SOP Instance UIDs of the source images the SEGs reference."""
     return {inst.ReferencedSOPInstanceUID for seg in segs for series in seg.ReferencedSeriesSequence
             for inst in series.ReferencedInstanceSequence}
+
+
+def _sources_have_valid_uids(segs: Sequence[Dataset]) -> bool:
+    """Whether every source series and image UID the SEGs reference is a valid UID."""
+    from pydicom.uid import UID
+
+    uids = seg_source_uids(segs) | {series.SeriesInstanceUID for seg in segs for series in seg.ReferencedSeriesSequence}
+    return all(UID(str(uid)).is_valid for uid in uids)
+
+
+def _seg_as_source(seg: Dataset, number: int):
+    """TID 1501 source image: the SEG instance, narrowed to one segment."""
+    import highdicom as hd
+
+    item = hd.sr.SourceImageForMeasurementGroup(seg.SOPClassUID, seg.SOPInstanceUID)
+    item.ReferencedSOPSequence[0].ReferencedSegmentNumber = number
+    return item
 
 
 def build_sr(
     segs: Mapping[int, Dataset],
     sources: Path | str | Sequence[Dataset],
     report: Mapping,
+    run: str = "",
+    predecessors: Sequence[Dataset] = (),
 ) -> Dataset:
     """A highdicom Comprehensive3DSR (TID 1500) with the report's measurements.
 
     segs: {phase: SEG} from `build_segs` (must hold the report's ED and ES phases when any
     volume is written); sources: the cine's DICOM folder, or the source image headers the SEGs
-    reference (they become evidence); report: the report JSON (or a bare measurements dict).
+    reference (they become evidence); report: the report JSON (or a bare measurements dict);
+    run: the analysis run (the gateway's study_id); predecessors: earlier SRs of the study this
+    one replaces (anything with Study/Series/SOP Instance UID and SOP Class UID).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -159,10 +195,13 @@ def build_sr(
 
     seg_list = list({s.SOPInstanceUID: s for s in segs.values()}.values())  # ED == ES: one SEG
     if isinstance(sources, (str, Path)):
-        evidence_sources = list(read_source_headers(Path(sources), _seg_sources(seg_list)).values())
+        evidence_sources = list(read_source_headers(Path(sources), seg_source_uids(seg_list)).values())
     else:
         evidence_sources = list(sources)
+    if not evidence_sources:
+        raise ValueError("no source image headers: the SR copies patient, study and scanner from them")
     study_uid = seg_list[0].StudyInstanceUID
+    segment_refs_in_content = _sources_have_valid_uids(seg_list)
     algorithm = hd.sr.AlgorithmIdentification(name=lo(name), version=lo(version))
     types = segment_codes()
 
@@ -185,8 +224,15 @@ def build_sr(
                       finding_sites=[hd.sr.FindingSite(site_code)], measurements=items)
         if group.segment is not None:
             seg = segs[phases[group.phase]]
-            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                referenced_segment=_referenced_segment(seg, group.segment), **common))
+            if group.segment not in {item.SegmentNumber for item in seg.SegmentSequence}:
+                raise ValueError(f"{group.label}: the SEG of phase {phases[group.phase]} has no segment "
+                                 f"{group.segment}, yet the report has values for it")
+            if segment_refs_in_content:
+                groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    referenced_segment=_referenced_segment(seg, group.segment), **common))
+            else:
+                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                    source_images=[_seg_as_source(seg, group.segment)], **common))
         else:
             used = {segs[p].SOPInstanceUID: segs[p] for p in phases.values() if p in segs}
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -194,7 +240,7 @@ def build_sr(
                                for s in used.values()], **common))
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("device", name, version), name=lo(name), manufacturer_name=MANUFACTURER,
+        uid=device_uid(name, version), name=lo(name), manufacturer_name=MANUFACTURER,
         model_name=lo(f"{name} {version}"))
     observation = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.cid270.Device, observer_identifying_attributes=device))
@@ -202,17 +248,23 @@ def build_sr(
         observation_context=observation, procedure_reported=codes.SCT.CardiacMRI,
         imaging_measurements=groups or None)
     seg_uids = sorted(s.SOPInstanceUID for s in seg_list)
-    return hd.sr.Comprehensive3DSR(
-        evidence=seg_list + evidence_sources,
+    # highdicom takes patient, study and acquisition equipment from evidence[0]: a source image,
+    # in the copy its parser accepts; the exact source values are put back below.
+    evidence = [_repaired(ds, None) for ds in evidence_sources] + seg_list
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
         content=content,
-        series_instance_uid=derived_uid("sr-series", study_uid, name, version),
+        series_instance_uid=derived_uid("sr-series", run, study_uid, name, version),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid("sr", study_uid, name, version, *seg_uids,
+        sop_instance_uid=derived_uid("sr", run, study_uid, name, version, *seg_uids,
                                      json.dumps(values, sort_keys=True)),
         instance_number=1,
         manufacturer=MANUFACTURER,
         series_description=lo(f"CMR-VL measurements {name} {version}"),
+        previous_versions=list(predecessors) or None,
     )
+    copy_study_attributes(sr, evidence_sources[0])
+    return sr
 
 
 def read_sr_measurements(sr: Dataset) -> dict[str, float]:
@@ -243,4 +295,4 @@ def read_sr_measurements(sr: Dataset) -> dict[str, float]:
 
 
 __all__ = ["BSA_INDEX", "GROUPS", "MEASURES", "SR_KEYS", "SR_SERIES_NUMBER", "build_sr",
-           "read_sr_measurements"]
+           "read_sr_measurements", "seg_source_uids"]

@@ -107,3 +107,16 @@ def voxel_to_ras(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     """Apply a 4x4 affine to voxel indices of shape (..., 3)."""
     ijk = np.asarray(ijk, dtype=float)
     return ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+
+
+# Direction cosines of ImageOrientationPatient that differ by less than this are one orientation
+# written with rounding (scanners print 6 or fewer decimals; 1e-4 is about 0.006 degrees).
+# Preprocessing flags a larger drift within a stack, and the DICOM SEG/SR writers accept images up
+# to it as one plane orientation: the same number on both sides.
+IOP_TOLERANCE = 1e-4
+
+
+def orientation_deviation(iops: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Largest absolute difference of any direction cosine of `iops` from `reference`."""
+    diffs = np.abs(np.asarray(iops, dtype=float).reshape(-1, 6) - np.asarray(reference, dtype=float))
+    return float(diffs.max()) if diffs.size else 0.0

@@ -14,21 +14,33 @@ Choices (each one is why the code looks as it does):
 - Default phases: ED and ES when `measurements` are given (what the SR's volumes are measured
   on), otherwise every phase that holds a label (an ED/ES-only label map gives ED and ES).
 - Segments always carry the platform labels as numbers: 1 LV cavity, 2 LV myocardium,
-  3 RV cavity. A segment with no voxels in a phase stays described in SegmentSequence but has
-  no frames (highdicom omits empty frames), so numbers never shift; a phase without any label
-  keeps all its frames (highdicom cannot write a SEG without frames).
+  3 RV cavity. A BINARY SEG numbers its segments 1..n without gaps, so the SEG describes labels
+  1 up to the highest label present anywhere in the label map: an LV-only model gives no RV
+  segment. A described segment with no voxels in a phase has no frames there (highdicom omits
+  empty frames), so numbers never shift; a phase without any label keeps all its frames
+  (highdicom cannot write a SEG without frames).
 - Every slice image of the phase is a source image (ReferencedSeriesSequence lists them all);
   frames exist only where a segment has voxels, each pointing at its source image.
-- UIDs are derived (`derived_uid`: "2.25." + a name-based UUID): the series from
-  study + segmented series + model, each instance also from its phase and a digest of its
-  labels. Re-running the same model on the same study gives the same UIDs (a PACS sees a
-  re-send of the same instance); different labels never reuse a UID. Creation timestamps are
-  those of the run.
-- Real-data quirks: source headers are copied and repaired before highdicom reads them -
-  unparseable dates (Sunnybrook: PatientBirthDate 00000000, StudyDate 20120000) are emptied, and
-  when images of one series disagree on FrameOfReferenceUID (Sunnybrook gives every image its
-  own) all take the series' one from the manifest. Invalid UIDs (leading zeros) are kept as
-  they are; pydicom warns about them.
+- UIDs are derived (`derived_uid`: "2.25." + a name-based UUID): the series from the run
+  (the gateway's study_id: one submission) + study + segmented series + model, each instance
+  also from its phase and a digest of its labels. A retried report stage of the same run gives
+  the same UIDs (a PACS sees a re-send of the same instance); another run (a re-submission, a
+  new model) gets a series of its own, and different labels never reuse a UID. Creation
+  timestamps are those of the run.
+- Equipment: the SEG's Manufacturer is the platform, its model name and software version the
+  segmentation model's, its DeviceSerialNumber the model's device UID (`device_uid`, the same
+  UID the SR names as its observer device); the scanner is the ContributingEquipment with
+  purpose DCM 109101 "Acquisition Equipment" (highdicom copies it from the first source image).
+- Patient and study attributes are the source's, element for element, even when odd
+  (`copy_study_attributes`): a PACS files derived objects by them, so a blanked date or a
+  missing accession number would split the study. One the source lacks is absent here too.
+- Real-data quirks: highdicom reads repaired copies of the source headers - unparseable dates
+  (Sunnybrook: PatientBirthDate 00000000, StudyDate 20120000) emptied for highdicom's parser
+  only, and when images of one series disagree on FrameOfReferenceUID (Sunnybrook gives every
+  image its own) all take the series' one from the manifest; orientations that differ by
+  rounding (`geometry.IOP_TOLERANCE`) take the series' one. Invalid UIDs (leading zeros) are
+  referenced as they are: they are the source's identity. `source_conformance` lists what in
+  the source is not conformant, for the report's quality section.
 
 Codes (pydicom 3.0 code dictionary = DICOM PS3.16 context groups):
 - Segmented Property Category: SCT 91723000 "Anatomical Structure" (CID 7150).
@@ -52,6 +64,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from services.preprocess.geometry import IOP_TOLERANCE, orientation_deviation
 from services.preprocess.reader import quiet_pydicom
 from services.segmentation.function import CLASS_NAMES
 
@@ -78,6 +91,11 @@ def derived_uid(*parts: object) -> str:
     """A deterministic UID from its parts: "2.25." + a name-based (version 5) UUID as an integer,
     the UUID-derived form of DICOM PS3.5 B.2 (no organisation root needed)."""
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(str(p) for p in parts)).int}"
+
+
+def device_uid(name: str, version: str) -> str:
+    """UID of the segmentation model as a device: SEG DeviceSerialNumber and SR observer UID."""
+    return derived_uid("device", name, version)
 
 
 def lo(text: str) -> str:
@@ -125,24 +143,98 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _repaired(ds: Dataset, frame_of_reference_uid: str | None) -> Dataset:
-    """A copy highdicom accepts: unparseable DA/TM emptied, absent Type 2 patient/study attributes
-    present and empty, one FrameOfReferenceUID per series."""
+# Patient, General Study and Patient Study module attributes: copied into every derived object
+# exactly as the source has them.
+STUDY_ATTRIBUTES = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                    "AccessionNumber", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight")
+
+
+def copy_study_attributes(target: Dataset, source: Dataset) -> None:
+    """Give target the source's patient/study attributes element for element: odd values as they
+    are, and one the source lacks is absent (even a Type 2 one: an empty element where the source
+    has none is a mismatch to dcentvfy and some PACS; the missing attribute is the source's error)."""
+    import copy
+
+    for keyword in STUDY_ATTRIBUTES:
+        if keyword in source:
+            target[keyword] = copy.deepcopy(source[keyword])
+        elif keyword in target:
+            delattr(target, keyword)
+
+
+def _unparseable(elem) -> bool:
     from pydicom.valuerep import DA, TM
 
-    out = ds.copy()
+    if elem.VR not in ("DA", "TM") or elem.value in (None, "") or elem.VM != 1:
+        return False
+    try:
+        (DA if elem.VR == "DA" else TM)(str(elem.value))
+    except ValueError:
+        return True
+    return False
+
+
+def _repaired(ds: Dataset, frame_of_reference_uid: str | None, iop: Sequence[float] | None = None) -> Dataset:
+    """A copy highdicom accepts: unparseable DA/TM emptied, absent Type 2 patient/study attributes
+    present and empty, one FrameOfReferenceUID and one orientation per series. (The patient/study
+    attributes are put back as the source has them once highdicom is done.)"""
+    import copy
+
+    out = copy.deepcopy(ds)  # Dataset.copy() shares the elements: emptying one would blank the source
     for keyword in _TYPE2_COPIED:
         if keyword not in out:
             setattr(out, keyword, "")
     for elem in list(out):
-        if elem.VR in ("DA", "TM") and elem.value not in (None, "") and elem.VM == 1:
-            try:
-                (DA if elem.VR == "DA" else TM)(str(elem.value))
-            except ValueError:
-                elem.value = ""
+        if _unparseable(elem):
+            elem.value = ""
     if frame_of_reference_uid:
         out.FrameOfReferenceUID = frame_of_reference_uid
+    if iop is not None:
+        out.ImageOrientationPatient = list(iop)
     return out
+
+
+_SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+
+def source_conformance(headers: Iterable[Dataset]) -> list[dict]:
+    """Quality entries (code, message, source "report") for what in the source images is not
+    conformant and is carried into SR/SEG as it is: invalid UIDs (they are the references), odd
+    patient/study values (copied so the PACS files the objects into the same study), absent Type 2
+    patient/study attributes (written empty). Empty when the source is clean."""
+    from pydicom.uid import UID
+
+    bad_uids: dict[str, set[str]] = {}
+    odd_values: dict[str, set[str]] = {}
+    absent: set[str] = set()
+    for ds in headers:
+        for keyword in _SOURCE_UIDS:
+            value = str(ds.get(keyword) or "")
+            if value and not UID(value).is_valid:
+                bad_uids.setdefault(keyword, set()).add(value)
+        for keyword in STUDY_ATTRIBUTES:
+            if keyword in ds and _unparseable(ds[keyword]):
+                odd_values.setdefault(keyword, set()).add(str(ds[keyword].value))
+        absent |= {k for k in _TYPE2_COPIED if k not in ds}
+    issues = []
+    if bad_uids:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in bad_uids.items())
+        example = sorted(next(iter(bad_uids.values())))[0]
+        issues.append({"code": "source_invalid_uids", "source": "report", "message": (
+            f"the source images carry invalid UIDs ({counts}, e.g. {example}: a component with a leading "
+            "zero or a bad character); SR and SEG reference them unchanged, so DICOM validators report "
+            "them in those objects too")})
+    if odd_values:
+        listed = ", ".join(f"{k} {sorted(v)}" for k, v in odd_values.items())
+        issues.append({"code": "source_invalid_values", "source": "report", "message": (
+            f"the source's patient/study attributes hold values that are not valid DICOM dates/times "
+            f"({listed}); SR and SEG copy them unchanged so that the PACS files them into the same study")})
+    if absent:
+        issues.append({"code": "source_missing_type2", "source": "report", "message": (
+            f"the source images lack required (Type 2) attributes {sorted(absent)}; SR and SEG "
+            "mirror the source and lack them too")})
+    return issues
 
 
 def _label_digest(labels_3d: np.ndarray) -> str:
@@ -184,12 +276,14 @@ def build_segs(
     model: Mapping,
     phases: Sequence[int] | None = None,
     measurements: Mapping | None = None,
+    run: str = "",
 ) -> dict[int, Dataset]:
     """One highdicom BINARY Segmentation per phase of the cine's label map: {phase: SEG}.
 
     labels_4d is (x = DICOM column, y = DICOM row, z = slice, t = phase) in the manifest's cine
     grid; labels[x, y, z, t] becomes pixel (row y, column x) of the frame derived from the image
-    at manifest `sop_instance_uids[z][t]`. model is {"name", "version"[, "backend"]}.
+    at manifest `sop_instance_uids[z][t]`. model is {"name", "version"[, "backend"]}. run names
+    the analysis run (the gateway's study_id): each run writes its own series.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -218,6 +312,16 @@ def build_segs(
 
     name, version = str(model.get("name") or "unknown"), str(model.get("version") or "0")
     study_uid = manifest.get("study_instance_uid") or next(iter(headers.values())).StudyInstanceUID
+    # One plane orientation for the SEG: the first image's, as written (DS strings), within
+    # rounding of every other image's.
+    iop = list(next(iter(headers.values())).ImageOrientationPatient)
+    deviation = orientation_deviation([h.ImageOrientationPatient for h in headers.values()], iop)
+    if deviation > IOP_TOLERANCE:
+        raise ValueError(f"the segmented images differ in ImageOrientationPatient by up to {deviation:.2g} "
+                         f"(more than rounding, {IOP_TOLERANCE:g}): one SEG needs one plane orientation")
+    n_segments = int(labels.max())  # BINARY segments are numbered 1..n: labels up to the highest present
+    if n_segments == 0:
+        n_segments = len(CLASS_NAMES)  # an empty map still says what was looked for
     algorithm = hd.AlgorithmIdentificationSequence(
         name=lo(name), family=codes.cid7162.ArtificialIntelligence, version=lo(version), source=MANUFACTURER)
     descriptions = [
@@ -227,17 +331,17 @@ def build_segs(
             segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_id=label,
             tracking_uid=derived_uid("seg-track", study_uid, entry["series_instance_uid"], name, version, number))
-        for number, (label, code) in segment_codes().items()
+        for number, (label, code) in segment_codes().items() if number <= n_segments
     ]
-    series_uid = derived_uid("seg-series", study_uid, entry["series_instance_uid"], name, version)
+    series_uid = derived_uid("seg-series", run, study_uid, entry["series_instance_uid"], name, version)
 
     segs: dict[int, Dataset] = {}
     for index, t in enumerate(phases):
         zs = slices_of[t]
-        sources = [_repaired(headers[sops[z][t]], entry.get("frame_of_reference_uid")) for z in zs]
+        sources = [_repaired(headers[sops[z][t]], entry.get("frame_of_reference_uid"), iop) for z in zs]
         # (x, y, z) -> (frames = z, rows = y, columns = x)
         pixels = np.ascontiguousarray(np.transpose(labels[:, :, zs, t], (2, 1, 0)))
-        sop_uid = derived_uid("seg", study_uid, entry["series_instance_uid"], name, version, t,
+        sop_uid = derived_uid("seg", run, study_uid, entry["series_instance_uid"], name, version, t,
                               _label_digest(pixels))
         label = _phase_label(t, measurements)
         with warnings.catch_warnings():
@@ -254,11 +358,12 @@ def build_segs(
                 manufacturer=MANUFACTURER,
                 manufacturer_model_name=lo(name),
                 software_versions=lo(version),
-                device_serial_number=lo(str(model.get("backend") or "n/a")),
+                device_serial_number=device_uid(name, version),
                 content_label=label,
                 content_description=f"LV/RV segmentation, cardiac phase {t} ({label})",
                 series_description=lo(f"CMR-VL segmentation {name} {version}"),
             )
+        copy_study_attributes(seg, headers[sops[zs[0]][t]])
         segs[t] = seg
     return segs
 
@@ -270,9 +375,10 @@ def build_seg(
     model: Mapping,
     phase: int,
     measurements: Mapping | None = None,
+    run: str = "",
 ) -> Dataset:
     """The SEG of one phase (see `build_segs`)."""
-    return build_segs(source_dir, manifest, labels_4d, model, [phase], measurements)[phase]
+    return build_segs(source_dir, manifest, labels_4d, model, [phase], measurements, run)[phase]
 
 
 def seg_labels(seg: Dataset, source_sop_instance_uid: str) -> np.ndarray:
@@ -287,5 +393,6 @@ def seg_labels(seg: Dataset, source_sop_instance_uid: str) -> np.ndarray:
     return np.asarray(array[0])
 
 
-__all__ = ["SEG_SERIES_NUMBER", "build_seg", "build_segs", "cine_entry", "default_phases",
-           "derived_uid", "read_source_headers", "seg_labels", "segment_codes"]
+__all__ = ["SEG_SERIES_NUMBER", "STUDY_ATTRIBUTES", "build_seg", "build_segs", "cine_entry",
+           "copy_study_attributes", "default_phases", "derived_uid", "device_uid", "read_source_headers",
+           "seg_labels", "segment_codes", "source_conformance"]
