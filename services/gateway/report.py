@@ -5,10 +5,12 @@ Report JSON:
     status          "completed" | "partial"
     study           study_id, study_instance_uid, accession_number, study_date, patient_id, client_request_id
     measurements    the keys `cmrvl measure` prints (lv_edv_ml ... rv_ef_pct, indexed *_m2, bsa_m2, ed/es phase)
-    measurement_details  per key: value, unit, normal range (low, high, source), "low"/"normal"/"high"
+    measurement_details  per key: value, unit, normal range (low, high, source), "low"/"normal"/"high";
+                    a null value has "reason": the code and message of the quality flag that left it null
     findings        one entry per catalog task: task id, answer, parsed finding, model
     models          {"segmentation": {name, version, backend} | null, "vlm": {...} | null}
-    quality         flags (segmentation quality, skipped stages with reasons)
+    quality         flags {code, message, source}: what preprocessing found in the study and its cine
+                    (one entry per issue type, every gap named), segmentation quality, skipped stages
     timings_s       seconds per stage
     series          the series preprocessing found (uid, kind, slices, phases)
 """
@@ -41,6 +43,11 @@ def unit_of(key: str) -> str:
 def measurement_details(measurements: dict, sex: str | None) -> dict:
     from services.segmentation.function import classify, normal_range
 
+    # The segmentation's flags name the values they leave null ("keys"): that is the reason.
+    reasons = {}
+    for flag in measurements.get("quality", []):
+        for key in flag.get("keys", []):
+            reasons.setdefault(key, {"code": flag["code"], "message": flag["message"]})
     details = {}
     for key in LABELS:
         if key not in measurements:
@@ -48,7 +55,30 @@ def measurement_details(measurements: dict, sex: str | None) -> dict:
         value = measurements[key]
         details[key] = {"label": LABELS[key], "value": value, "unit": unit_of(key),
                         "normal_range": normal_range(key, sex), "assessment": classify(key, value, sex)}
+        if value is None and key in reasons:
+            details[key]["reason"] = reasons[key]
     return details
+
+
+def preprocess_quality(manifest: dict) -> list[dict]:
+    """What preprocessing recorded about the study and its short-axis cine, one entry per issue
+    type so that 60 missing cells are one readable line, yet every cell is named in it."""
+    from services.preprocess.study import primary_series
+    from services.segmentation.function import describe_cells
+
+    cine = primary_series(manifest, "cine_sax") or {}
+    by_type: dict[str, list[dict]] = {}
+    for issue in [*manifest.get("issues", []), *cine.get("issues", [])]:
+        by_type.setdefault(issue.get("type", "preprocess_issue"), []).append(issue)
+    quality = []
+    for kind, issues in by_type.items():
+        per_cell = [i for i in issues if "slice" in i and "phase" in i]
+        parts = [f"{len(per_cell)} slice/phase cell(s): {describe_cells((i['slice'], i['phase']) for i in per_cell)} "
+                 f"(e.g. {per_cell[0].get('detail', '')})"] if per_cell else []
+        details = [i.get("detail", "") for i in issues if i not in per_cell]
+        parts += details if len(details) < 2 else [" ".join(f"({n}) {d}" for n, d in enumerate(details, 1))]
+        quality.append({"code": kind, "message": "; ".join(parts), "source": "preprocess"})
+    return quality
 
 
 def render_text(report: dict) -> str:
@@ -62,10 +92,12 @@ def render_text(report: dict) -> str:
         "MEASUREMENTS",
     ]
     details = report["measurement_details"]
-    if not details or all(d["value"] is None for d in details.values()):
+    if not any(d["value"] is not None or d.get("reason") for d in details.values()):
         lines.append("  not available (no segmentation)")
     for d in details.values():
         if d["value"] is None:
+            if d.get("reason"):  # null for a reason the QUALITY section gives in full
+                lines.append(f"  {d['label']:<28} {'-':>8} {d['unit']:<6}  not measured ({d['reason']['code']})")
             continue
         rng = d["normal_range"]
         normal = f"  normal {rng['low']}-{rng['high']}" if rng else ""
@@ -85,6 +117,54 @@ def render_text(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_report(record: dict, manifest: dict, measurements: dict, findings_doc: dict) -> dict:
+    """The report JSON from the workflow record and the stages' documents (empty when absent)."""
+    stages = record["stages"]
+    study_block = manifest.get("study", {})
+    quality = preprocess_quality(manifest) if manifest else []
+    quality += [dict(q, source="segmentation") for q in measurements.get("quality", [])]
+    for name in STAGES:
+        if stages[name]["state"] in ("skipped", "failed"):
+            quality.append({"code": f"{name}_not_run", "message": stages[name]["error"], "source": "workflow"})
+    seg_model = measurements.get("model") or stages["segmentation"]["outputs"].get("model")
+    return {
+        "schema": SCHEMA,
+        "generated_at": now(),
+        "status": "partial" if any(stages[s]["state"] in ("skipped", "failed") for s in STAGES[:-1]) else "completed",
+        "study": {
+            "study_id": record["study_id"],
+            "study_instance_uid": record.get("study_instance_uid") or manifest.get("study_instance_uid", ""),
+            "client_request_id": record.get("client_request_id", ""),
+            "accession_number": study_block.get("accession_number"),
+            "study_date": study_block.get("study_date"),
+            "patient_id": study_block.get("patient_id"),
+        },
+        "measurements": {k: v for k, v in measurements.items()
+                         if k not in ("quality", "model", "lv_volume_curve_ml", "rv_volume_curve_ml")},
+        "measurement_details": measurement_details(measurements, study_block.get("patient_sex")),
+        "findings": findings_doc.get("findings", []),
+        "models": {"segmentation": seg_model, "vlm": findings_doc.get("model")},
+        "quality": quality,
+        "timings_s": {name: stages[name]["seconds"] for name in STAGES},
+        "series": [{k: s.get(k) for k in ("series_instance_uid", "kind", "n_slices", "n_phases")}
+                   for s in manifest.get("series", [])],
+    }
+
+
+def _predecessors(history: list[dict], run: str) -> list:
+    """The SR this run's SR replaces: the last one written before this run's (or the last one)."""
+    from pydicom.dataset import Dataset
+
+    runs = [e["run"] for e in history]
+    earlier = history[:runs.index(run)] if run in runs else history
+    if not earlier:
+        return []
+    previous = Dataset()
+    previous.StudyInstanceUID, previous.SeriesInstanceUID = earlier[-1]["study_instance_uid"], earlier[-1]["series_instance_uid"]
+    previous.SOPInstanceUID, previous.SOPClassUID = earlier[-1]["sop_instance_uid"], earlier[-1]["sop_class_uid"]
+    return [previous]
+
+
 class ReportBuilder:
     def __init__(self, store: ObjectStore, pacs_target: str = "", pacs_calling_aet: str = "CMRVL"):
         self.store = store
@@ -95,37 +175,9 @@ class ReportBuilder:
 
     def build(self, record: dict) -> dict:
         stages = record["stages"]
-        manifest = self._json(stages["preprocess"]["outputs"].get("manifest")) or {}
-        measurements = self._json(stages["segmentation"]["outputs"].get("measurements")) or {}
-        findings_doc = self._json(stages["findings"]["outputs"].get("findings")) or {}
-        study_block = manifest.get("study", {})
-        quality = [dict(q, source="segmentation") for q in measurements.get("quality", [])]
-        for name in STAGES:
-            if stages[name]["state"] in ("skipped", "failed"):
-                quality.append({"code": f"{name}_not_run", "message": stages[name]["error"], "source": "workflow"})
-        seg_model = measurements.get("model") or stages["segmentation"]["outputs"].get("model")
-        return {
-            "schema": SCHEMA,
-            "generated_at": now(),
-            "status": "partial" if any(stages[s]["state"] in ("skipped", "failed") for s in STAGES[:-1]) else "completed",
-            "study": {
-                "study_id": record["study_id"],
-                "study_instance_uid": record.get("study_instance_uid") or manifest.get("study_instance_uid", ""),
-                "client_request_id": record.get("client_request_id", ""),
-                "accession_number": study_block.get("accession_number"),
-                "study_date": study_block.get("study_date"),
-                "patient_id": study_block.get("patient_id"),
-            },
-            "measurements": {k: v for k, v in measurements.items()
-                             if k not in ("quality", "model", "lv_volume_curve_ml", "rv_volume_curve_ml")},
-            "measurement_details": measurement_details(measurements, study_block.get("patient_sex")),
-            "findings": findings_doc.get("findings", []),
-            "models": {"segmentation": seg_model, "vlm": findings_doc.get("model")},
-            "quality": quality,
-            "timings_s": {name: stages[name]["seconds"] for name in STAGES},
-            "series": [{k: s.get(k) for k in ("series_instance_uid", "kind", "n_slices", "n_phases")}
-                       for s in manifest.get("series", [])],
-        }
+        return build_report(record, self._json(stages["preprocess"]["outputs"].get("manifest")) or {},
+                            self._json(stages["segmentation"]["outputs"].get("measurements")) or {},
+                            self._json(stages["findings"]["outputs"].get("findings")) or {})
 
     def dicom_outputs(self, record: dict, report: dict) -> dict[str, bytes]:
         """DICOM SEG (one per segmented phase: ED, ES) and the SR that references them."""

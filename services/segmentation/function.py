@@ -248,6 +248,8 @@ def measure_labels(
 
     # Choose ED/ES among the complete, labelled phases of the reference ventricle.
     ref_name, ref_curve = ("LV cavity", lv_curve) if has_lv else ("RV cavity", rv_curve)
+    needs_ed, needs_es = ([k for k in keys if (has_lv and k.startswith("lv")) or (has_rv and k.startswith("rv"))]
+                          for keys in (NEEDS_ED, NEEDS_ES))
     candidates = np.flatnonzero(complete & (ref_curve > 0))
     if ed_phase is None or es_phase is None:
         if not (has_lv or has_rv):
@@ -255,7 +257,7 @@ def measure_labels(
         elif candidates.size == 0:
             quality.append(_flag(
                 "no_complete_phase", f"no complete phase has the {ref_name} labelled: ED and ES cannot be "
-                "chosen and nothing is measured", keys=NEEDS_ED + NEEDS_ES))
+                "chosen and nothing is measured", keys=needs_ed + needs_es))
         else:
             if not has_lv:
                 quality.append(_flag("ed_es_from_rv", "no LV cavity labelled: ED/ES chosen from the RV curve"))
@@ -265,22 +267,23 @@ def measure_labels(
                 if candidates.size == 1 and gaps:  # the other labelled phases all have gaps
                     quality.append(_flag(
                         "es_not_measurable", f"phase {candidates[0]} is the only complete phase with the "
-                        f"{ref_name} labelled, so ES cannot be chosen (incomplete phase(s): {_ranges(incomplete)})", keys=NEEDS_ES))
+                        f"{ref_name} labelled, so ES cannot be chosen (incomplete phase(s): {_ranges(incomplete)})", keys=needs_es))
                 else:
                     es_phase = int(candidates[np.argmin(ref_curve[candidates])])
             if gaps:
+                chosen = "ED/ES were" if es_phase is not None else "ED was"
                 quality.append(_flag(
-                    "ed_es_from_complete_phases", f"ED/ES were chosen among the {candidates.size} complete "
+                    "ed_es_from_complete_phases", f"{chosen} chosen among the {candidates.size} complete "
                     f"labelled phase(s) of {n_phases}; the true ED or ES may lie in the incomplete phase(s) "
                     f"{_ranges(incomplete)}"))
     # A phase the caller gave can still have gaps: its values would count zeros as cavity.
     if ed_phase is not None and not complete[ed_phase]:
         quality.append(_flag("phase_incomplete", f"ED phase {ed_phase} lacks images on slice(s) "
-                             f"{_ranges(z for z, t in gaps if t == ed_phase)}: ED values not measured", keys=NEEDS_ED))
+                             f"{_ranges(z for z, t in gaps if t == ed_phase)}: ED values not measured", keys=needs_ed))
         ed_phase = None
     if es_phase is not None and not complete[es_phase]:
         quality.append(_flag("phase_incomplete", f"ES phase {es_phase} lacks images on slice(s) "
-                             f"{_ranges(z for z, t in gaps if t == es_phase)}: ES values not measured", keys=NEEDS_ES))
+                             f"{_ranges(z for z, t in gaps if t == es_phase)}: ES values not measured", keys=needs_es))
         es_phase = None
     if ed_phase is not None and ed_phase == es_phase and n_phases > 1:
         quality.append(_flag("ed_equals_es", f"ED and ES are the same phase ({ed_phase})"))
@@ -295,15 +298,20 @@ def measure_labels(
         "rv_volume_curve_ml": [float(v) if complete[t] else None for t, v in enumerate(rv_curve)],
     })
 
-    if ed_phase is not None or es_phase is not None:
-        for prefix, curve, labelled, cls in (("lv", lv_curve, has_lv, LV_CAVITY), ("rv", rv_curve, has_rv, RV_CAVITY)):
+    ventricles = (("lv", lv_curve, has_lv, LV_CAVITY), ("rv", rv_curve, has_rv, RV_CAVITY))
+    if has_lv or has_rv:
+        for prefix, _curve, labelled, cls in ventricles:
             keys = [k for k in MEASUREMENT_KEYS if k.startswith(prefix) and k != "lv_mass_g"]
+            if labelled:
+                continue
+            if cls not in predicted:
+                quality.append(_flag("class_not_segmented", f"the segmentation model does not label the "
+                                     f"{CLASS_NAMES[cls]}: {prefix.upper()} values not measured", keys=keys))
+            else:
+                quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is not labelled in any phase", keys=keys))
+    if ed_phase is not None or es_phase is not None:
+        for prefix, curve, labelled, cls in ventricles:
             if not labelled:
-                if cls not in predicted:
-                    quality.append(_flag("class_not_segmented", f"the segmentation model does not label the "
-                                         f"{CLASS_NAMES[cls]}: {prefix.upper()} values not measured", keys=keys))
-                else:
-                    quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is not labelled in any phase", keys=keys))
                 continue
             for phase_name, phase in (("ED", ed_phase), ("ES", es_phase)):
                 if phase is None:
