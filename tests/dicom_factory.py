@@ -271,3 +271,71 @@ def write_enhanced_cine(path: Path, *, n_slices: int = 3, n_phases: int = 6, row
                       [tuple(float(v) for v in np.round(p, 4)) for p in positions], tuple(iop),
                       tuple(pixel_spacing), times, [path], sops)
     return spec
+
+
+def write_enhanced_ir_stack(path: Path, *, study_uid: str, n_slices: int = 6, rows: int = 24,
+                            cols: int = 20, iop=SAX_IOP, origin=(12.0, -4.0, 58.0),
+                            pixel_spacing=(1.4, 1.6), slice_gap_mm: float = 8.0,
+                            inversion_times_ms=(300.0,), trigger_delay_ms: float = 420.0,
+                            series_number: int = 21, seed: int = 11) -> SeriesSpec:
+    """LGE as Siemens XA scanners store it: one enhanced multi-frame MR file, one frame per
+    short-axis slice, inversion recovery flagged in MRModifierSequence with InversionTimes (FD,
+    VM 1-n) holding a single value, which pydicom then returns as a float, not a list."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    series_uid, sop = generate_uid(), generate_uid()
+    normal = slice_normal(iop)
+    positions = [np.asarray(origin, float) + k * slice_gap_mm * normal for k in range(n_slices)]
+    ds = base_dataset(study_uid=study_uid, series_uid=series_uid, sop_uid=sop,
+                      sop_class=ENHANCED_MR_IMAGE_STORAGE, series_number=series_number,
+                      description="", scanning_sequence="GR")
+    for keyword in ("ScanningSequence", "SequenceVariant", "EchoTime", "RepetitionTime"):
+        delattr(ds, keyword)  # enhanced MR moves these into functional groups
+    ds.EchoPulseSequence = "GRADIENT"
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = n_slices
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = list(pixel_spacing)
+    measures.SliceThickness = slice_gap_mm
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(iop)
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    echo = Dataset()
+    echo.EffectiveEchoTime = 1.9
+    shared.MREchoSequence = Sequence([echo])
+    timing = Dataset()
+    timing.RepetitionTime = 650.0
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    modifier = Dataset()
+    modifier.InversionRecovery = "YES"
+    modifier.InversionTimes = list(inversion_times_ms) if len(inversion_times_ms) > 1 \
+        else inversion_times_ms[0]
+    shared.MRModifierSequence = Sequence([modifier])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    expected = np.zeros((cols, rows, n_slices, 1))
+    per_frame, blocks = [], []
+    for k in range(n_slices):
+        item = Dataset()
+        position = Dataset()
+        position.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
+        item.PlanePositionSequence = Sequence([position])
+        cardiac = Dataset()
+        cardiac.NominalCardiacTriggerDelayTime = trigger_delay_ms
+        item.CardiacSynchronizationSequence = Sequence([cardiac])
+        content = Dataset()
+        content.TemporalPositionIndex = 1
+        content.InStackPositionNumber = k + 1
+        item.FrameContentSequence = Sequence([content])
+        per_frame.append(item)
+        pixels = pixel_block(seed * 7919 + k * 101, rows, cols)
+        blocks.append(pixels)
+        expected[:, :, k, 0] = pixels.T
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.stack(blocks).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return SeriesSpec(series_uid, study_uid, n_slices, 1, expected,
+                      [tuple(float(v) for v in np.round(p, 4)) for p in positions], tuple(iop),
+                      tuple(pixel_spacing), [trigger_delay_ms], [path],
+                      [[sop] for _ in range(n_slices)])

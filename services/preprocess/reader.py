@@ -1,8 +1,11 @@
 """Read a folder of DICOM files into per-frame records (one file is read exactly once).
 
 Classic single-frame MR and enhanced multi-frame MR both become `Frame`s: one 2D image with its
-own position, orientation, spacing, trigger time and rescale. Anything that cannot become a
-frame (not DICOM, truncated, no pixel data, undecodable) is returned as a `Rejected` with a reason.
+own position, orientation, spacing, trigger time and rescale, pixels in native byte order
+whatever the transfer syntax (little or big endian, JPEG / JPEG-LS / JPEG 2000 / RLE through
+pydicom's decoders). Anything that cannot become a frame (not a regular file, not DICOM, too
+large, truncated, no pixel data, undecodable) is returned as a `Rejected` with a one-line reason
+that names the cause. A file's header (132 bytes) is checked before the rest is read.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import sys
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +57,15 @@ _PIXEL_SPACING, _BITS_ALLOCATED, _BITS_STORED = 0x00280030, 0x00280100, 0x002801
 _PIXEL_REPRESENTATION, _RESCALE_INTERCEPT, _RESCALE_SLOPE = 0x00280103, 0x00281052, 0x00281053
 _PIXEL_DATA, _SHARED_GROUPS = 0x7FE00010, 0x52009229
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# A study's files are read whole (the frames keep views of the bytes). Above this size a DICOM
+# file is refused unread: memory stays bounded, and no cardiac cine or LGE object comes near it
+# (a 12 x 30-phase 512x512 cine is 190 MB); it matches the 2 GiB default upload limit.
+MAX_FILE_BYTES = 2 << 30
+_HEADER_BYTES = 132  # 128-byte preamble + "DICM"
+
+
+class _Refused(Exception):
+    """A file that cannot become frames; str() is the one-line reason for `Rejected`."""
 
 
 @dataclass
@@ -131,43 +145,104 @@ def is_valid_uid(uid: str) -> bool:
     return bool(uid) and len(uid) <= 64 and bool(_UID_RE.match(uid))
 
 
+def display_name(path: Path, folder: Path) -> str:
+    """path relative to folder, as text that is always valid UTF-8 (manifest.json must be).
+
+    Linux file names are bytes; bytes that are not UTF-8 are written as backslash escapes
+    (os.fsencode, then decode with "backslashreplace"): the file named b"caf\\xe9.dcm" is shown
+    as "caf\\xe9.dcm" (a backslash, "xe9"). Reversible: replace each "\\xNN" by byte NN and
+    os.fsdecode the result (ambiguous only for a name that itself contains a literal "\\xNN")."""
+    return os.fsencode(path.relative_to(folder).as_posix()).decode("utf-8", "backslashreplace")
+
+
+def _special_kind(path: str) -> str:
+    """What a directory entry that is not a regular file is, in words."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a regular file is read as one
+    except OSError as exc:
+        return f"entry that cannot be opened ({exc.strerror})"  # e.g. a broken symbolic link
+    for test, kind in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "link to a folder, not followed")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _scan(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for every regular file below folder and (path, reason) for every other
+    entry (pipes, sockets, devices, links to folders), in a stable order: a folder's entries
+    by name, then its subfolders (names carry no meaning to us)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        yield Path(folder), f"folder cannot be listed ({exc.strerror}): its files are not read"
+        return
+    subfolders = []
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            subfolders.append(entry.path)
+        elif entry.is_file():  # d_type from the directory listing: no extra system call
+            yield Path(entry.path), None
+        else:
+            yield Path(entry.path), f"not a regular file ({_special_kind(entry.path)}): skipped unread"
+    for sub in subfolders:
+        yield from _scan(Path(sub))
+
+
 def list_files(folder: Path) -> list[Path]:
-    """Every regular file below folder, in a stable order (names carry no meaning to us)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        out.extend(Path(root) / name for name in sorted(files))
-    return out
+    """Every regular file below folder, in a stable order (pipes and other special files are
+    left out: opening a FIFO blocks until someone writes to it)."""
+    return [path for path, problem in _scan(Path(folder)) if problem is None]
+
+
+def _values(value) -> list:
+    """Any element value as a list. pydicom returns a lone value for one value and a MultiValue
+    for several, whatever the attribute's VM allows (a single InversionTimes is a float): this is
+    the one place that difference is handled."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes, int, float)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
 
 
 def _float(value) -> float | None:
+    """The first value as a float (an attribute meant to hold one may hold several)."""
+    values = _values(value)
     try:
-        return None if value is None or value == "" else float(value)
+        return float(values[0]) if values and values[0] != "" else None
     except (TypeError, ValueError):
         return None
 
 
 def _int(value) -> int | None:
+    values = _values(value)
     try:
-        return None if value is None or value == "" else int(value)
+        return int(values[0]) if values and values[0] != "" else None
     except (TypeError, ValueError):
         return None
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
     try:
-        out = tuple(float(v) for v in value)
+        out = tuple(float(v) for v in _values(value))
     except (TypeError, ValueError):
         return None
     return out if len(out) == n else None
 
 
 def _strings(value) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
+    return [str(v) for v in _values(value)]
+
+
+def _one_line(text) -> str:
+    """Library messages span lines; a rejection reason is one line."""
+    return " ".join(str(text).split())
 
 
 def _item(seq_parent, keyword: str):
@@ -245,8 +320,11 @@ def _raw_us(ds, tag: int) -> int | None:
 
 
 def _pixels(ds, n_frames: int, rows: int, cols: int) -> np.ndarray:
-    """Stored pixel values as (frames, rows, cols); raises ValueError when truncated."""
+    """Stored pixel values as (frames, rows, cols) in native byte order; raises _Refused when
+    truncated or undecodable."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and not ts.is_transfer_syntax:
+        raise _Refused(f"pixel data unusable: unknown transfer syntax {ts}")
     key = (_raw_us(ds, _BITS_ALLOCATED) or 0, _raw_us(ds, _PIXEL_REPRESENTATION) or 0)
     native = (ts is not None and not ts.is_compressed and ts.is_little_endian
               and key in _NATIVE_DTYPES and _raw_us(ds, _BITS_STORED) == key[0]
@@ -256,28 +334,79 @@ def _pixels(ds, n_frames: int, rows: int, cols: int) -> np.ndarray:
         data = _raw_value(ds, _PIXEL_DATA)
         need = n_frames * rows * cols * dtype.itemsize
         if data is None or len(data) < need:
-            raise ValueError(f"truncated pixel data: {0 if data is None else len(data)} "
-                             f"of {need} bytes")
+            raise _Refused(f"pixel data unusable: truncated pixel data: "
+                           f"{0 if data is None else len(data)} of {need} bytes")
         return np.frombuffer(data, dtype=dtype, count=n_frames * rows * cols).reshape(
             n_frames, rows, cols)
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise ValueError("colour images are not supported")
-    return np.asarray(ds.pixel_array).reshape(n_frames, rows, cols)
+        raise _Refused("pixel data unusable: colour images are not supported")
+    if ts is not None and ts.is_compressed:
+        _check_decoder(ts)
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoders raise many types on damaged streams
+        what = f"{_syntax(ts)} pixel data" if ts is not None else "pixel data"
+        raise _Refused(f"pixel data unusable: decoding {what} failed: "
+                       f"{type(exc).__name__}: {_one_line(exc)}") from None
+    if not pixels.dtype.isnative:  # big endian syntax: values right, bytes in the wrong order
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))  # for NIfTI writers and packer
+    try:
+        return pixels.reshape(n_frames, rows, cols)
+    except ValueError:
+        raise _Refused(f"pixel data unusable: decoded shape {pixels.shape} is not "
+                       f"{n_frames} frame(s) of {rows}x{cols}") from None
+
+
+def _syntax(ts) -> str:
+    return f"{ts.keyword or ts.name} ({ts})"  # keyword: the full names run to 90 characters
+
+
+def _check_decoder(ts) -> None:
+    """Refuse, in one line naming what to install, a syntax no installed plugin decodes."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise _Refused(f"pixel data unusable: no decoder exists in pydicom for "
+                       f"{_syntax(ts)}") from None
+    if not decoder.is_available:
+        plugins = "; ".join(m.replace(" - requires ", " needs ")
+                            for m in decoder.missing_dependencies) or "none known"
+        raise _Refused(f"pixel data unusable: no decoder installed for {_syntax(ts)} "
+                       f"(plugins: {plugins})")
+
+
+def _looks_like_dicom(head: bytes) -> bool:
+    # "DICM" after the preamble, or an old file without preamble that starts with a
+    # group 0002 (meta) or 0008 (identifying) tag.
+    return head[128:132] == b"DICM" or head.startswith((b"\x02\x00", b"\x08\x00"))
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """The whole file, after its header says DICOM and its size is within max_bytes."""
+    # O_NONBLOCK: a regular file reads as usual, a FIFO put there after the folder was listed
+    # returns no bytes (not DICOM) instead of blocking the read forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", buffering=0) as fh:
+        size = os.fstat(fd).st_size
+        head = fh.read(_HEADER_BYTES)
+        if not _looks_like_dicom(head):
+            raise _Refused("not a DICOM file (no 'DICM' marker after a 128-byte preamble and no "
+                           "DICOM tag at the start)")
+        if size > max_bytes:
+            raise _Refused(f"DICOM file of {size / 2**30:.1f} GiB is above the "
+                           f"{max_bytes / 2**30:.1f} GiB per-file limit: not read")
+        fh.seek(0)
+        return fh.read()
 
 
 def _read_dataset(content: bytes):
     # Parsed from memory: pydicom calls tell() on the file for every element, and on a real file
     # each is a seek system call that also hands the GIL to the compression threads (~40 % of
     # read time on the Sunnybrook study).
-    data = io.BytesIO(content)
-    try:
-        return pydicom.dcmread(data)
-    except InvalidDicomError:
-        # Old files may lack the 128-byte preamble; they then start with a group 0002/0008 tag.
-        if not data.getvalue().startswith((b"\x02\x00", b"\x08\x00")):
-            raise
-        data.seek(0)
-        return pydicom.dcmread(data, force=True)
+    preamble = content[128:132] == b"DICM"
+    return pydicom.dcmread(io.BytesIO(content), force=not preamble)
 
 
 def _series_info(ds, uid: str) -> SeriesInfo:
@@ -306,9 +435,7 @@ def _series_info(ds, uid: str) -> SeriesInfo:
             info.repetition_time_ms = _float(groups.get(
                 0, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
         if info.inversion_time_ms is None:
-            times = groups.get(0, "MRModifierSequence", "InversionTimes")
-            if times:
-                info.inversion_time_ms = _float(_strings(times)[0])
+            info.inversion_time_ms = _float(groups.get(0, "MRModifierSequence", "InversionTimes"))
         if not info.scanning_sequence:
             pulse = str(ds.get("EchoPulseSequence", "") or "")
             info.scanning_sequence = {"GRADIENT": ["GR"], "SPIN": ["SE"],
@@ -403,49 +530,81 @@ def _frames_of(ds, rel: str) -> list[Frame]:
     return frames
 
 
-def read_folder(folder: Path, on_frame: Callable[[Frame], None] | None = None) -> ReadResult:
+def _read_one(path: Path, rel: str, max_bytes: int):
+    """(dataset, frames) of one file; raises _Refused with the reason it cannot be used."""
+    try:
+        ds = _read_dataset(_read_file(path, max_bytes))
+    except _Refused:
+        raise
+    except InvalidDicomError as exc:
+        raise _Refused(f"not a DICOM file: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise _Refused(f"file cannot be read: {exc.strerror or _one_line(exc)}") from None
+    except Exception as exc:  # pydicom raises many types on damaged files
+        raise _Refused(f"unreadable DICOM: {type(exc).__name__}: {_one_line(exc)}") from None
+    if ds.get_item(_PIXEL_DATA) is None:
+        what = str(ds.get("SOPClassUID", "")) or "unknown SOP class"
+        if getattr(getattr(ds, "SOPClassUID", None), "name", None):
+            what = ds.SOPClassUID.name
+        raise _Refused(f"no pixel data (not an image or truncated): {what}")
+    if ds.get_item(_ROWS) is None or ds.get_item(_COLUMNS) is None:
+        raise _Refused("image without Rows/Columns")
+    try:
+        return ds, _frames_of(ds, rel)
+    except _Refused:
+        raise
+    except Exception as exc:  # odd headers must not stop the rest of the study
+        raise _Refused(f"pixel data unusable: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def rejection_summary(rejected: list[Rejected], examples: int = 3) -> str:
+    """One line: the most frequent causes first, with a count and an example file each
+    (so 240 undecodable images are not summed up by the one stray .nii.gz beside them)."""
+    causes = Counter(r.reason for r in rejected)
+    first = {}
+    for r in rejected:
+        first.setdefault(r.reason, r.file)
+    parts = [f"{n} x {reason} (e.g. {first[reason]})" for reason, n in causes.most_common(examples)]
+    if len(causes) > examples:
+        parts.append(f"{len(causes) - examples} other reason(s)")
+    return "; ".join(parts)
+
+
+def read_folder(folder: Path, on_frame: Callable[[Frame], None] | None = None,
+                max_file_bytes: int = MAX_FILE_BYTES) -> ReadResult:
     """Read every file below folder once; images become frames, the rest is rejected.
 
-    on_frame is called with each frame as soon as it is read (to start work on it early)."""
+    on_frame is called with each frame as soon as it is read (to start work on it early).
+    Files are named as `display_name` gives them (valid UTF-8 whatever the file system holds)."""
     folder = Path(folder)
     frames: list[Frame] = []
     series: dict[str, SeriesInfo] = {}
     rejected: list[Rejected] = []
     studies: dict[str, dict] = {}
-    paths = list_files(folder)
+    n_files = 0
     with quiet_pydicom():
-        for path in paths:
-            rel = path.relative_to(folder).as_posix()
+        for path, problem in _scan(folder):
+            n_files += 1
+            rel = display_name(path, folder)
             try:
-                ds = _read_dataset(path.read_bytes())
-            except InvalidDicomError:
-                rejected.append(Rejected(rel, "not a DICOM file (no DICM preamble or header)"))
+                if problem is not None:
+                    raise _Refused(problem)
+                ds, file_frames = _read_one(path, rel, max_file_bytes)
+                uid = file_frames[0].series_instance_uid
+                info = series.get(uid) or _series_info(ds, uid)
+                study_uid = file_frames[0].study_instance_uid
+                study = studies.get(study_uid) or _study_info(ds)
+            except _Refused as exc:
+                rejected.append(Rejected(rel, str(exc)))
                 continue
-            except Exception as exc:  # pydicom raises many types on damaged files
-                rejected.append(Rejected(rel, f"unreadable DICOM: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # an odd header must not stop the rest of the study
+                rejected.append(Rejected(rel, f"header unusable: {type(exc).__name__}: "
+                                              f"{_one_line(exc)}"))
                 continue
-            if ds.get_item(_PIXEL_DATA) is None:
-                what = str(ds.get("SOPClassUID", "")) or "unknown SOP class"
-                if getattr(getattr(ds, "SOPClassUID", None), "name", None):
-                    what = ds.SOPClassUID.name
-                rejected.append(Rejected(rel, f"no pixel data (not an image or truncated): {what}"))
-                continue
-            if ds.get_item(_ROWS) is None or ds.get_item(_COLUMNS) is None:
-                rejected.append(Rejected(rel, "image without Rows/Columns"))
-                continue
-            try:
-                file_frames = _frames_of(ds, rel)
-            except Exception as exc:
-                rejected.append(Rejected(rel, f"pixel data unusable: {exc}"))
-                continue
-            uid = file_frames[0].series_instance_uid
-            if uid not in series:
-                series[uid] = _series_info(ds, uid)
-            if file_frames[0].study_instance_uid not in studies:
-                studies[file_frames[0].study_instance_uid] = _study_info(ds)
+            series[uid], studies[study_uid] = info, study
             frames.extend(file_frames)
             if on_frame is not None:
                 for frame in file_frames:
                     on_frame(frame)
     return ReadResult(frames=frames, series=series, rejected=rejected, studies=studies,
-                      n_files=len(paths))
+                      n_files=n_files)
