@@ -23,10 +23,11 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def pacs(tmp_path_factory):
-    """A real C-STORE receiver playing the PACS the gateway pushes SR + SEG to."""
+    """A real C-STORE receiver playing the PACS the gateway pushes SR + SEG to (a plain storage
+    SCP: no hand-off, every object kept under <StudyInstanceUID>/)."""
     from services.preprocess.cstore import StudyReceiver
 
-    receiver = StudyReceiver(tmp_path_factory.mktemp("pacs"), lambda uid, folder: None, ae_title="PACS", port=0)
+    receiver = StudyReceiver(tmp_path_factory.mktemp("pacs"), None, ae_title="PACS", port=0)
     receiver.start()
     yield receiver
     receiver.stop()
