@@ -77,6 +77,8 @@ def test_segment_through_triton_matches_in_process_onnxruntime(stack_info, store
     measurements = store.get_json(response.measurements.bucket, response.measurements.key)
     assert measurements["lv_edv_ml"] > 0 and measurements["bsa_m2"] == pytest.approx((180 * 81 / 3600) ** 0.5, abs=1e-3)
     assert measurements["model"]["default_model"] is False
+    # This manifest does not list its cells: every one is measured as present, and that is said.
+    assert "presence_unknown" in [q["code"] for q in measurements["quality"]]
 
 
 def test_triton_down_is_unavailable_with_a_clear_message(stack_info, stored_cine):
@@ -101,3 +103,49 @@ def test_missing_manifest_is_not_found(stack_info, store):
     finally:
         server.stop()
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+GAP = (4, 1)  # (slice, phase) without an image
+
+
+@pytest.fixture(scope="module")
+def stored_gapped_cine(store, tmp_path_factory):
+    """A cine whose slice 4 has no image at phase 1, as preprocessing leaves it: zeros in the
+    volume, null in the manifest's sop_instance_uids."""
+    image, _, affine = unseen_cine(n_phases=4)
+    image = image.astype(np.int16)
+    image[:, :, GAP[0], GAP[1]] = 0
+    folder = tmp_path_factory.mktemp("gapped")
+    nib.save(nib.Nifti1Image(image, affine), folder / "cine.nii.gz")
+    study_id = f"seg-gap-{uuid.uuid4().hex[:8]}"
+    bucket, prefix = store.bucket("artifacts"), f"{study_id}/preprocess/"
+    store.put_file(bucket, prefix + "series/001_cine_sax.nii.gz", folder / "cine.nii.gz")
+    uids = [[None if (z, t) == GAP else f"1.2.826.0.1.{z}.{t}" for t in range(4)] for z in range(8)]
+    series = {"kind": "cine_sax", "volume": "series/001_cine_sax.nii.gz", "n_slices": 8, "n_phases": 4,
+              "sop_instance_uids": uids}
+    refs = {}
+    for name, entry in (("manifest", series), ("bad", dict(series, sop_instance_uids=uids[:7]))):
+        ref = store.put_json(bucket, f"{prefix}{name}.json", {"study_instance_uid": "1.2.3", "series": [entry]})
+        refs[name] = common_pb2.ObjectRef(bucket=ref.bucket, key=ref.key)
+    return study_id, refs
+
+
+def test_segment_keeps_gaps_out_of_the_measurements(stack_info, store, stored_gapped_cine, tmp_path):
+    study_id, refs = stored_gapped_cine
+    server = _segmentation_server(stack_info, segmentation_model_dir=str(tiny_model().layout))
+    try:
+        response = _segment(server.port, study_id, refs["manifest"])
+        with pytest.raises(grpc.RpcError) as err:
+            _segment(server.port, study_id, refs["bad"])
+    finally:
+        server.stop()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in err.value.details()
+    measurements = store.get_json(response.measurements.bucket, response.measurements.key)
+    curve = measurements["lv_volume_curve_ml"]
+    assert curve[GAP[1]] is None and all(v is not None for t, v in enumerate(curve) if t != GAP[1])
+    assert GAP[1] not in (measurements["ed_phase"], measurements["es_phase"])
+    flags = {q["code"]: q for q in measurements["quality"]}
+    assert flags["incomplete_phases"]["cells"] == [list(GAP)] and "presence_unknown" not in flags
+    labels = np.asarray(nib.load(store.get_file(response.labels.bucket, response.labels.key,
+                                                tmp_path / "labels.nii.gz")).dataobj)
+    assert not labels[:, :, GAP[0], GAP[1]].any()  # no anatomy where there is no image
