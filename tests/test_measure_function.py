@@ -337,3 +337,34 @@ def test_non_cyclic_curve_flagged():
     assert [m[:2] for m in messages] == ["LV", "RV"] and "% of the stroke volume" in messages[0]
     # Within the tolerance (the phantom's last phase is 26 % of SV below its first) nothing is flagged.
     assert "non_cyclic_curve" not in codes(measure_labels(cycle_4d(), oblique_affine()))
+
+
+def test_cli_manifest_marks_gaps(tmp_path, capsys):
+    path = save(tmp_path, "labels.nii.gz", cycle_4d())
+    uids = [[None if (z, t) == (3, 3) else f"1.2.{z}.{t}" for t in range(5)] for z in range(8)]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"series": [{"kind": "cine_sax", "volume": "cine.nii.gz", "sop_instance_uids": uids}]}))
+    assert run_measure(["measure", "--labels", path]) == 0
+    assert json.loads(capsys.readouterr().out)["es_phase"] == 3  # without the manifest every cell is an image
+    assert run_measure(["measure", "--labels", path, "--manifest", str(manifest)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["es_phase"] in (2, 4) and out["lv_volume_curve_ml"][3] is None
+    assert [f["cells"] for f in out["quality"] if f["code"] == "incomplete_phases"] == [[[3, 3]]]
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"series": [{"kind": "cine_sax", "volume": "c.nii.gz", "sop_instance_uids": [["1"] * 5] * 7}]}, "does not match"),
+    ({"series": []}, "no short-axis cine"),
+    ("{not json", "Expecting property name"),
+    ({"series": []}, "--manifest applies to --labels only"),  # given with --ed/--es
+])
+def test_cli_manifest_errors_are_one_line(tmp_path, capsys, manifest, message):
+    path = tmp_path / "manifest.json"
+    path.write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    if "--labels only" in message:
+        source = ["--ed", save(tmp_path, "ed.nii.gz", heart_phase(10, 16)), "--es", save(tmp_path, "es.nii.gz", heart_phase(6, 8))]
+    else:
+        source = ["--labels", save(tmp_path, "labels.nii.gz", cycle_4d())]
+    assert run_measure(["measure", *source, "--manifest", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cmrvl measure: error:") and message in err and err.count("\n") == 1
