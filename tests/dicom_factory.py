@@ -65,7 +65,8 @@ def base_dataset(*, study_uid: str, series_uid: str, sop_uid: str, sop_class: st
                  series_number: int, description: str = "", height_m: float | None = 1.75,
                  weight_kg: float | None = 70.0, scanning_sequence: str | list = "GR",
                  echo_time_ms: float = 1.5, repetition_time_ms: float = 3.2,
-                 inversion_time_ms: float | None = None) -> Dataset:
+                 inversion_time_ms: float | None = None,
+                 body_part_examined: str | None = None) -> Dataset:
     """Patient, study, series and MR acquisition attributes shared by every image."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -100,6 +101,8 @@ def base_dataset(*, study_uid: str, series_uid: str, sop_uid: str, sop_class: st
     ds.RepetitionTime = repetition_time_ms
     if inversion_time_ms is not None:
         ds.InversionTime = inversion_time_ms
+    if body_part_examined is not None:
+        ds.BodyPartExamined = body_part_examined
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -181,7 +184,9 @@ def write_cine_study(folder: Path, *, n_slices: int = 4, n_phases: int = 5, rows
 
 def write_lge_stack(folder: Path, *, study_uid: str, series_number: int = 20,
                     n_slices: int = 6, **kwargs) -> SeriesSpec:
-    """Single-phase inversion-recovery gradient echo short-axis stack (no description)."""
+    """Single-phase inversion-recovery gradient echo short-axis stack (no description),
+    BodyPartExamined HEART (its cardiac evidence when the study has no cine)."""
+    kwargs.setdefault("body_part_examined", "HEART")
     return write_series(folder, study_uid=study_uid, series_number=series_number,
                         n_slices=n_slices, n_phases=1, cine=False,
                         scanning_sequence=["GR", "IR"], inversion_time_ms=300.0,
@@ -190,7 +195,9 @@ def write_lge_stack(folder: Path, *, study_uid: str, series_number: int = 20,
 
 def write_t2_stack(folder: Path, *, study_uid: str, series_number: int = 30,
                    n_slices: int = 5, **kwargs) -> SeriesSpec:
-    """Single-phase spin-echo short-axis stack with a long echo time (T2 weighted)."""
+    """Single-phase spin-echo short-axis stack with a long echo time (T2 weighted),
+    BodyPartExamined HEART."""
+    kwargs.setdefault("body_part_examined", "HEART")
     return write_series(folder, study_uid=study_uid, series_number=series_number,
                         n_slices=n_slices, n_phases=1, cine=False, scanning_sequence="SE",
                         echo_time_ms=80.0, repetition_time_ms=1600.0,
@@ -339,3 +346,22 @@ def write_enhanced_ir_stack(path: Path, *, study_uid: str, n_slices: int = 6, ro
                       [tuple(float(v) for v in np.round(p, 4)) for p in positions], tuple(iop),
                       tuple(pixel_spacing), [trigger_delay_ms], [path],
                       [[sop] for _ in range(n_slices)])
+
+
+AXIAL_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def write_brain_stack(folder: Path, *, study_uid: str, weighting: str = "t1_ir",
+                      series_number: int = 60, n_slices: int = 8, **kwargs) -> SeriesSpec:
+    """A brain stack that looks like an LGE or T2 stack by its sequence tags alone: axial,
+    untriggered, BodyPartExamined BRAIN. weighting "t1_ir" is an MPRAGE (inversion-recovery
+    gradient echo, short TE), "t2" a T2 turbo spin echo (long TE)."""
+    sequence = {"t1_ir": dict(scanning_sequence=["GR", "IR"], inversion_time_ms=900.0,
+                              echo_time_ms=2.3, repetition_time_ms=2300.0),
+                "t2": dict(scanning_sequence="SE", echo_time_ms=95.0,
+                           repetition_time_ms=6000.0)}[weighting]
+    kwargs.setdefault("body_part_examined", "BRAIN")
+    return write_series(folder, study_uid=study_uid, series_number=series_number,
+                        n_slices=n_slices, n_phases=1, cine=False, iop=AXIAL_IOP,
+                        slice_gap_mm=5.0, name_prefix=f"brain{series_number}_",
+                        **sequence, **kwargs)

@@ -60,7 +60,7 @@ def _same_plane(a: Frame, b: Frame) -> bool:
     return max(abs(x - y) for x, y in zip(a.iop, b.iop)) < ORIENTATION_TOL
 
 
-def _same_geometry(a: Frame, b: Frame) -> bool:
+def same_geometry(a: Frame, b: Frame) -> bool:
     """Same orientation (within tolerance), pixel spacing and matrix: one stack can hold both."""
     return (_same_plane(a, b) and (a.rows, a.cols) == (b.rows, b.cols)
             and max(abs(x - y) for x, y in zip(a.pixel_spacing, b.pixel_spacing)) < SPACING_TOL_MM)
@@ -90,7 +90,7 @@ def _split_geometry(frames: list[Frame], issues: list[dict]) -> list[Frame]:
                        "excluded": sorted({f.file for f in unplaced})})
     groups: list[list[Frame]] = []  # few groups: compare each frame with each group's first
     for f in placed:
-        group = next((g for g in groups if _same_geometry(g[0], f)), None)
+        group = next((g for g in groups if same_geometry(g[0], f)), None)
         if group is None:
             groups.append([f])
         else:
@@ -151,44 +151,146 @@ def _slice_grid(positions: np.ndarray, issues: list[dict]) -> tuple[list[int | N
     return grid, step
 
 
+def _sort_key(has_trigger: bool):
+    if has_trigger:
+        return lambda f: (f.trigger_time_ms, f.temporal_index or 0, f.instance_number or 0,
+                          f.frame_number or 0)
+    return lambda f: (f.temporal_index or 0, f.instance_number or 0, f.frame_number or 0)
+
+
+def _cycle_step(times: list[float], fallback: float | None) -> float | None:
+    """A slice's trigger-time step: its median gap, unless gaps make that a multiple of the
+    series' step (fallback). Slices of one series often differ in RR (one breath-hold each)."""
+    own = float(median(np.diff(times))) if len(times) > 1 else None
+    if fallback is None or (own and abs(own / fallback - 1) < 0.25):
+        return own
+    return fallback
+
+
+def _cycle_units(frames: list[Frame], step: float) -> np.ndarray:
+    return np.array([f.trigger_time_ms for f in frames]) / step
+
+
+def _place_by_time(frames: list[Frame], units: np.ndarray, ref_units: np.ndarray
+                   ) -> tuple[list[Frame | None], list[Frame]]:
+    """Match a slice's frames to the series' phases (one each) by their position in the cycle
+    (trigger time / the slice's own step), globally: a gap does not push later images one phase
+    on. Returns the row and the frames no free phase is near (more than half a step away)."""
+    from scipy.optimize import linear_sum_assignment  # only slices that do not fit get here
+
+    dist = np.abs(units[:, None] - ref_units[None, :])
+    # A far match costs as much as leaving the image out, so the assignment never shifts a run
+    # of images by a phase each to make room for one odd image.
+    cost = np.where(dist <= 0.5, dist, 1.0)
+    row: list[Frame | None] = [None] * len(ref_units)
+    unplaced = []
+    for i, p in zip(*linear_sum_assignment(cost)):
+        if dist[i, p] <= 0.5:
+            row[p] = frames[i]
+        else:
+            unplaced.append(frames[i])
+    return row, unplaced
+
+
+def _place_untimed(row: list[Frame | None], timed: list[Frame], untimed: list[Frame]
+                   ) -> tuple[list[Frame], list[Frame]]:
+    """Put images without a trigger time into the empty cells their InstanceNumber order points
+    to: a run of untimed images between two placed neighbours (in InstanceNumber order) fills
+    the empty cells between those neighbours' phases when the counts match.
+    Returns (placed, left out)."""
+    cell = {id(f): p for p, f in enumerate(row) if f is not None}
+    anchors = [f for f in timed if id(f) in cell]
+    if any(f.instance_number is None for f in anchors + untimed):
+        return [], untimed
+    placed, left = [], []
+    sequence = sorted(anchors + untimed, key=lambda f: f.instance_number)
+    run: list[Frame] = []
+    last = -1
+    for f in sequence + [None]:
+        if f is not None and id(f) not in cell:
+            run.append(f)
+            continue
+        if run:
+            stop = cell[id(f)] if f is not None else len(row)
+            empty = [p for p in range(last + 1, stop) if row[p] is None]
+            if len(empty) == len(run):
+                for p, g in zip(empty, run):
+                    row[p] = g
+                placed += run
+            else:
+                left += run
+            run = []
+        if f is not None:
+            last = cell[id(f)]
+    return placed, left
+
+
 def _assign_phases(by_slice: list[list[Frame]], issues: list[dict], grid_slices: list[int | None],
                    has_trigger: bool) -> tuple[list[list[Frame | None]], list[float]]:
-    """Order each slice's frames by TriggerTime and align them to a common phase axis."""
-    key = (lambda f: (f.trigger_time_ms, f.temporal_index or 0, f.instance_number or 0,
-                      f.frame_number or 0)) if has_trigger else \
-          (lambda f: (f.temporal_index or 0, f.instance_number or 0, f.frame_number or 0))
-    ordered = []
+    """Order each slice's frames by TriggerTime and align them to a common phase axis.
+
+    Slices with every phase define the phase axis and, when their images sit on it in order
+    (the common case), are taken as they are. Other slices are matched to it by position in
+    the cycle, images without a trigger time by InstanceNumber order; what cannot be placed is
+    reported and its cell left empty."""
+    key = _sort_key(has_trigger)
+    slot = {source: k for k, source in enumerate(grid_slices) if source is not None}
+    timed_by_slice, untimed_by_slice = [], []
     for s, frames in enumerate(by_slice):
-        frames = sorted(frames, key=key)
+        timed = sorted((f for f in frames if not has_trigger or f.trigger_time_ms is not None),
+                       key=key)
         if has_trigger:  # the same trigger time twice at one position is a duplicate image
             seen: dict[float, Frame] = {}
-            for f in frames:
+            for f in timed:
                 if f.trigger_time_ms in seen:
                     issues.append({"type": "duplicate_image",
                                    "detail": f"{f.file} repeats trigger time "
-                                             f"{f.trigger_time_ms} ms at slice {s}; ignored"})
+                                             f"{f.trigger_time_ms} ms at slice {slot[s]}; "
+                                             "ignored"})
                 else:
                     seen[f.trigger_time_ms] = f
-            frames = list(seen.values())
-        ordered.append(frames)
-    n_phases = max(len(fs) for fs in ordered)
-    full = [fs for fs in ordered if len(fs) == n_phases]
+            timed = list(seen.values())
+        timed_by_slice.append(timed)
+        untimed_by_slice.append([f for f in frames if has_trigger and f.trigger_time_ms is None])
+    n_phases = max(len(fs) for fs in timed_by_slice)
+    full = [fs for fs in timed_by_slice if len(fs) == n_phases]
     if has_trigger:
         ref = median([[f.trigger_time_ms for f in fs] for fs in full])
+        # The phase axis in steps of each full slice's own cycle (slices differ in RR).
+        steps = [_cycle_step([f.trigger_time_ms for f in fs], None) or 1.0 for fs in full]
+        series_step = float(median(steps))
+        ref_units = median([_cycle_units(fs, st) for fs, st in zip(full, steps)])
     else:
         ref = np.zeros(n_phases)
     cells: list[list[Frame | None]] = []
-    for frames in ordered:
-        row: list[Frame | None] = [None] * n_phases
-        if len(frames) == n_phases or not has_trigger:
-            row[:len(frames)] = frames
-        else:
-            # Put each image at the nearest free reference phase (both lists are sorted).
-            free = list(range(n_phases))
-            for f in frames:
-                best = min(free, key=lambda p: abs(ref[p] - f.trigger_time_ms))
-                row[best] = f
-                free.remove(best)
+    for s, (timed, untimed) in enumerate(zip(timed_by_slice, untimed_by_slice)):
+        row: list[Frame | None] = list(timed) + [None] * (n_phases - len(timed))
+        if has_trigger and timed:
+            step = _cycle_step([f.trigger_time_ms for f in timed], series_step) or series_step
+            units = _cycle_units(timed, step)
+            # The common case, every phase in order, needs no matching.
+            if len(timed) < n_phases or np.abs(units - ref_units).max() > 0.5:
+                row, unplaced = _place_by_time(timed, units, ref_units)
+                if unplaced:
+                    issues.append({"type": "unplaced_image",
+                                   "detail": f"{len(unplaced)} image(s) of slice {slot[s]} have "
+                                             "trigger times no free phase of the series is "
+                                             "near; left out of the volume",
+                                   "excluded": sorted(f.file for f in unplaced)})
+        if untimed:
+            placed, left = _place_untimed(row, timed, untimed)
+            for f in placed:
+                p = row.index(f)
+                issues.append({"type": "missing_trigger_time", "slice": slot[s], "phase": p,
+                               "detail": f"{f.file} has no TriggerTime; placed at phase "
+                                         f"{p} of slice {slot[s]} by its InstanceNumber "
+                                         "among the slice's other images"})
+            if left:
+                issues.append({"type": "missing_trigger_time",
+                               "detail": f"{len(left)} image(s) of slice {slot[s]} have no "
+                                         "TriggerTime and their InstanceNumbers do not point "
+                                         "to one empty phase; left out of the volume",
+                               "excluded": sorted(f.file for f in left)})
         cells.append(row)
     for grid_index, source in enumerate(grid_slices):
         if source is None:
@@ -214,7 +316,9 @@ def build_grid(frames: list[Frame]) -> Grid | None:
     clusters = _cluster_positions(dist)
     positions = np.array([dist[c].mean() for c in clusters])
     slot_of, step = _slice_grid(positions, issues)
-    has_trigger = all(f.trigger_time_ms is not None for f in frames)
+    # A series is timed when most images have a trigger time; the others are placed by
+    # InstanceNumber or left out, instead of the whole series losing its phase axis.
+    has_trigger = sum(f.trigger_time_ms is not None for f in frames) * 2 > len(frames)
     by_slice = [[frames[i] for i in c] for c in clusters]
     if not has_trigger and any(len(fs) > 1 for fs in by_slice):
         issues.append({"type": "ambiguous_order",

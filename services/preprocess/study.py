@@ -25,16 +25,26 @@ Manifest (manifest.json; the first keys are the command-line contract of issue 3
   conventions (axes and units in words).
 Issue types: missing_slice, missing_phase, inconsistent_geometry, inconsistent_pixel_spacing,
 inconsistent_matrix, irregular_slice_spacing, missing_geometry, duplicate_image,
-ambiguous_order, invalid_uid, patient_height_unit.
+ambiguous_order, unplaced_image (a trigger time no phase is near), missing_trigger_time (placed
+by InstanceNumber, or left out), repeated_slice and multiple_frames_of_reference (cines merged
+from one-slice series), invalid_uid, patient_height_unit; study level also other_study (files of
+another StudyInstanceUID, rejected: the study with a short-axis cine is kept).
+Images that are left out are named in the issue's `excluded`; their cells stay null / zeros.
+LGE and T2 stacks need cardiac evidence: the cine's short axis, or without a cine an ECG trigger
+or BodyPartExamined HEART (brain MPRAGE and T2 stacks are `other`).
 Volumes: integer data with identity rescale keeps its stored dtype; whole-number slope and
 intercept give int32; anything else float32. Missing cells hold zeros.
+A run builds its output in a fresh folder beside OUT and then replaces OUT's manifest.json and
+series/ with it, also when it fails (NoUsableCine): no volume of an earlier run is left behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import uuid
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +53,10 @@ from pathlib import Path
 import numpy as np
 
 from services.preprocess import geometry
-from services.preprocess.reader import Frame, ReadResult, SeriesInfo, is_valid_uid, read_folder
-from services.preprocess.stack import Grid, build_grid, median, volume
+from services.preprocess.reader import (Frame, ReadResult, SeriesInfo, is_valid_uid, quiet_pydicom,
+                                        read_folder)
+from services.preprocess.stack import (POSITION_TOL_MM, Grid, build_grid, median, same_geometry,
+                                       volume)
 
 KINDS = ("cine_sax", "cine_lax", "lge_sax", "t2_sax", "other")
 MANIFEST_NAME = "manifest.json"
@@ -289,39 +301,96 @@ def _series_entry(info: SeriesInfo, frames: list[Frame], grid: Grid | None) -> d
     return entry
 
 
+def _single_slice_cine(frames: list[Frame]) -> bool:
+    """One slice position and one geometry, with at least MIN_CINE_PHASES trigger times."""
+    f0 = frames[0]
+    if not (f0.ipp and f0.iop and f0.pixel_spacing):
+        return False
+    if any(not (f.ipp and f.iop and f.pixel_spacing and same_geometry(f, f0)) or
+           abs(geometry.position_along_normal(f.ipp, f0.iop) -
+               geometry.position_along_normal(f0.ipp, f0.iop)) > POSITION_TOL_MM for f in frames):
+        return False
+    return len({f.trigger_time_ms for f in frames if f.trigger_time_ms is not None}) >= \
+        MIN_CINE_PHASES
+
+
+def _in_stack(f: Frame, f0: Frame) -> bool:
+    """f's plane is parallel to f0's, on the same in-plane grid, shifted only along the normal
+    (within half a pixel), so both can be slices of one volume."""
+    if not same_geometry(f, f0):
+        return False
+    offset = np.subtract(f.ipp, f0.ipp)
+    normal = geometry.slice_normal(f0.iop)
+    in_plane = offset - np.dot(offset, normal) * normal
+    return float(np.linalg.norm(in_plane)) <= 0.5 * min(f0.pixel_spacing)
+
+
 def _merge_single_slice_cines(by_series: dict[str, list[Frame]],
-                              series_info: dict[str, SeriesInfo]) -> dict[str, list[str]]:
-    """Some scanners store a short-axis cine as one series per slice. Parallel single-slice
-    cines with the same matrix, spacing, frame of reference and phase count, at >= 3 distinct
-    positions, are merged in place into the first one's entry. Returns {kept uid: merged uids}."""
-    groups: dict[tuple, list[str]] = {}
+                              series_info: dict[str, SeriesInfo]
+                              ) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """Many scanners export a short-axis cine as one series per slice (often each with its own
+    FrameOfReferenceUID). Single-slice cines of the study that fit one stack by geometry (same
+    orientation and in-plane grid, positions along one normal), at >= MIN_STACK_SLICES
+    positions, are merged in place into the first one's entry; a position acquired twice keeps
+    its fuller, later repeat and the other stays a series of its own. Phase counts may differ
+    (the grid reports the missing phases). Returns ({kept uid: merged uids}, {kept uid: issues})."""
+    groups: list[list[str]] = []
     for uid, frames in by_series.items():
-        f0 = frames[0]
-        if not (f0.ipp and f0.iop and f0.pixel_spacing) or \
-                any(f.trigger_time_ms is None for f in frames):
+        if not _single_slice_cine(frames):
             continue
-        if len({tuple(np.round(f.ipp, 1)) for f in frames}) != 1:
-            continue  # not a single-slice series
-        if any(f.iop != f0.iop or f.pixel_spacing != f0.pixel_spacing for f in frames):
+        group = next((g for g in groups if _in_stack(frames[0], by_series[g[0]][0])), None)
+        if group is None:
+            groups.append([uid])
+        else:
+            group.append(uid)
+    merged, issues = {}, {}
+    for uids in groups:
+        iop = by_series[uids[0]][0].iop
+
+        def position(u):
+            return geometry.position_along_normal(by_series[u][0].ipp, iop)
+
+        def rank(u):  # fuller first, then the later acquisition (higher SeriesNumber)
+            return (len({f.trigger_time_ms for f in by_series[u]}), len(by_series[u]),
+                    series_info[u].series_number or 0, u)
+
+        uids.sort(key=position)
+        slices: list[list[str]] = []
+        for u in uids:
+            if slices and position(u) - position(slices[-1][0]) <= POSITION_TOL_MM:
+                slices[-1].append(u)
+            else:
+                slices.append([u])
+        if len(slices) < MIN_STACK_SLICES:
             continue
-        n_phases = len({f.trigger_time_ms for f in frames})
-        if n_phases < MIN_CINE_PHASES:
-            continue
-        key = (tuple(np.round(f0.iop, 3)), tuple(np.round(f0.pixel_spacing, 3)), f0.rows, f0.cols,
-               series_info[uid].frame_of_reference_uid, n_phases)
-        groups.setdefault(key, []).append(uid)
-    merged = {}
-    for uids in groups.values():
-        positions = {round(geometry.position_along_normal(by_series[u][0].ipp,
-                                                          by_series[u][0].iop), 1) for u in uids}
-        if len(uids) < MIN_STACK_SLICES or len(positions) < len(uids):
-            continue
-        uids.sort(key=lambda u: (series_info[u].series_number or 0, u))
-        keep = uids[0]
-        for uid in uids[1:]:
+        found: list[dict] = []
+        chosen = []
+        for repeats in slices:
+            best = max(repeats, key=rank)
+            chosen.append(best)
+            for other in repeats:
+                if other != best:
+                    found.append({
+                        "type": "repeated_slice", "series_instance_uid": other,
+                        "detail": f"series {series_info[other].series_number} repeats the slice "
+                                  f"at {position(best):.2f} mm of series "
+                                  f"{series_info[best].series_number}; the fuller, later one is "
+                                  "merged, this one is kept as a separate series"})
+        frames_of_reference = {series_info[u].frame_of_reference_uid for u in chosen}
+        if len(frames_of_reference) > 1:
+            found.append({
+                "type": "multiple_frames_of_reference",
+                "detail": f"the {len(chosen)} merged single-slice series have "
+                          f"{len(frames_of_reference)} FrameOfReferenceUIDs; merged by geometry "
+                          "as one session of this study (same orientation, in-plane grid and "
+                          "slice normal), assuming the patient did not move between them"})
+        chosen.sort(key=lambda u: (series_info[u].series_number or 0, u))
+        keep = chosen[0]
+        for uid in chosen[1:]:
             by_series[keep].extend(by_series.pop(uid))
-        merged[keep] = uids
-    return merged
+        merged[keep] = chosen
+        issues[keep] = found
+    return merged, issues
 
 
 def _patient(study: dict, issues: list[dict]) -> dict:
@@ -359,15 +428,133 @@ def preprocess_study(dicom_dir: Path, out_dir: Path) -> dict:
     """Read dicom_dir, write out_dir/manifest.json and one NIfTI volume per placeable series.
 
     Returns the manifest. Raises NoUsableCine (after writing the manifest, without volumes)
-    when the study has no short-axis cine; FileNotFoundError when dicom_dir is not a folder."""
+    when the study has no short-axis cine; FileNotFoundError when dicom_dir is not a folder.
+    The output is built in a fresh folder next to out_dir and then replaces out_dir's
+    manifest.json and series/ (see `_publish`), so no volume of an earlier run survives."""
     dicom_dir, out_dir = Path(dicom_dir), Path(out_dir)
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"not a folder: {dicom_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output is not a folder: {out_dir}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:12]}.partial")
+    stage.mkdir()
     packer = _FramePacker()
     try:
-        return _preprocess(dicom_dir, out_dir, packer)
+        manifest = _preprocess(dicom_dir, stage, packer)
+    except NoUsableCine:
+        _publish(stage, out_dir)
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     finally:
         packer.close()
+    _publish(stage, out_dir)
+    return manifest
+
+
+_OUTPUTS = (MANIFEST_NAME, "series")  # what a run writes into out_dir
+
+
+def _publish(stage: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished stage folder: one rename when out_dir is absent, empty or
+    an earlier run's output; otherwise (a folder that also holds other files) only our entries
+    are swapped, the manifest last, and the other files are left alone."""
+    old = None
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= set(_OUTPUTS):
+        old = out_dir.with_name(stage.name.replace(".partial", ".old"))
+        out_dir.rename(old)
+    if not out_dir.exists():
+        stage.rename(out_dir)
+    else:
+        for name in reversed(_OUTPUTS):  # series/ first: the manifest then names only new files
+            target, new = out_dir / name, stage / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            if new.exists():
+                new.rename(target)
+        shutil.rmtree(stage)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _study_entries(frames: list[Frame], series: dict[str, SeriesInfo]) -> list[dict]:
+    """Series entries (merged, classified, sorted by SeriesNumber) of one study's frames."""
+    by_series: dict[str, list[Frame]] = {}
+    for f in frames:
+        by_series.setdefault(f.series_instance_uid, []).append(f)
+    merged, merge_issues = _merge_single_slice_cines(by_series, series)
+    entries = [_series_entry(series[uid], fs, build_grid(fs)) for uid, fs in by_series.items()]
+    for entry in entries:
+        uid = entry["series_instance_uid"]
+        if uid in merged:
+            entry["merged_series_instance_uids"] = merged[uid]
+            entry["classification"] += f"; assembled from {len(merged[uid])} single-slice series"
+            entry["issues"] += merge_issues[uid]
+    entries.sort(key=lambda e: (e["series_number"] is None, e["series_number"] or 0,
+                                e["series_instance_uid"]))
+    _refine_with_cine_axis(entries)
+    return entries
+
+
+def _choose_study(frames: list[Frame], series: dict[str, SeriesInfo]
+                  ) -> tuple[str | None, list[dict], dict[str, int]]:
+    """(study uid, its entries, {other study uid: frame count}) of a folder's frames. With
+    several studies the one with a short-axis cine wins (then the one with most frames): a
+    stray DWI or another patient's scan must not push the cine out."""
+    counts = Counter(f.study_instance_uid for f in frames)
+    if len(counts) <= 1:
+        uid = next(iter(counts), None)
+        return uid, _study_entries(frames, series) if uid else [], {}
+    candidates = []
+    for uid, n in counts.items():
+        entries = _study_entries([f for f in frames if f.study_instance_uid == uid], series)
+        has_cine = any(e["kind"] == "cine_sax" for e in entries)
+        candidates.append(((has_cine, n, uid), uid, entries))
+    _, uid, entries = max(candidates, key=lambda c: c[0])
+    return uid, entries, {u: n for u, n in counts.items() if u != uid}
+
+
+def _cardiac_evidence(dicom_dir: Path, grid: Grid) -> str | None:
+    """Why a series without a cine to compare with is cardiac (ECG triggering or the heart as
+    body part), or None. Brain MPRAGE and T2 stacks otherwise look like LGE and T2 stacks."""
+    import pydicom
+
+    frames = grid.frames
+    if any(f.trigger_time_ms is not None for f in frames):
+        return "ECG-triggered (TriggerTime)"
+    with quiet_pydicom():
+        try:
+            ds = pydicom.dcmread(dicom_dir / frames[0].file, stop_before_pixels=True,
+                                 specific_tags=["BodyPartExamined",
+                                                "CardiacSynchronizationTechnique"])
+        except Exception:  # the file was readable a moment ago; no evidence if not any more
+            return None
+    sync = str(ds.get("CardiacSynchronizationTechnique", "") or "").upper()
+    if sync and sync != "NONE":
+        return f"CardiacSynchronizationTechnique {sync}"
+    if str(ds.get("BodyPartExamined", "") or "").upper() == "HEART":
+        return "BodyPartExamined HEART"
+    return None
+
+
+def _refine_without_cine(entries: list[dict], dicom_dir: Path) -> None:
+    """Without a short-axis cine there is no slice normal to check LGE/T2 stacks against: they
+    keep their kind only with cardiac evidence in their headers."""
+    if any(e["kind"] == "cine_sax" for e in entries):
+        return
+    for e in entries:
+        if e["kind"] in ("lge_sax", "t2_sax"):
+            why = _cardiac_evidence(dicom_dir, e["_grid"])
+            if why is None:
+                e["kind"] = "other"
+                e["classification"] += ("; no cardiac evidence (no cine to compare with, no ECG "
+                                        "trigger, BodyPartExamined is not HEART)")
+            else:
+                e["classification"] += f"; cardiac: {why}"
 
 
 def _preprocess(dicom_dir: Path, out_dir: Path, packer: _FramePacker) -> dict:
@@ -376,32 +563,21 @@ def _preprocess(dicom_dir: Path, out_dir: Path, packer: _FramePacker) -> dict:
     rejected = [{"file": r.file, "reason": r.reason} for r in read.rejected]
 
     # One study per run: images of any other study are rejected, not mixed in.
-    frames = read.frames
-    counts = Counter(f.study_instance_uid for f in frames)
-    study_uid = counts.most_common(1)[0][0] if counts else None
+    study_uid, entries, others = _choose_study(read.frames, dict(read.series))
     header = read.studies.get(study_uid, {})
-    if len(counts) > 1:
-        others = sorted({f.file for f in frames if f.study_instance_uid != study_uid})
-        rejected += [{"file": f, "reason": "belongs to another StudyInstanceUID"} for f in others]
-        frames = [f for f in frames if f.study_instance_uid == study_uid]
+    for uid, n in sorted(others.items()):
+        files = sorted({f.file for f in read.frames if f.study_instance_uid == uid})
+        rejected += [{"file": f, "reason": f"belongs to another StudyInstanceUID ({uid})"}
+                     for f in files]
+        study_issues.append({"type": "other_study", "study_instance_uid": uid,
+                             "n_files": len(files),
+                             "detail": f"{len(files)} file(s) ({n} image(s)) of study {uid} "
+                                       "are rejected: one study per run, and the chosen one "
+                                       "is the one with a short-axis cine (then most images)"})
     if study_uid and not is_valid_uid(study_uid):
         study_issues.append({"type": "invalid_uid",
                              "detail": "StudyInstanceUID is not a valid DICOM UID; kept as is"})
-
-    by_series: dict[str, list[Frame]] = {}
-    for f in frames:
-        by_series.setdefault(f.series_instance_uid, []).append(f)
-    series_info = dict(read.series)
-    merged = _merge_single_slice_cines(by_series, series_info)
-    entries = [_series_entry(series_info[uid], fs, build_grid(fs)) for uid, fs in by_series.items()]
-    for entry in entries:
-        if entry["series_instance_uid"] in merged:
-            uids = merged[entry["series_instance_uid"]]
-            entry["merged_series_instance_uids"] = uids
-            entry["classification"] += f"; assembled from {len(uids)} single-slice series"
-    entries.sort(key=lambda e: (e["series_number"] is None, e["series_number"] or 0,
-                                e["series_instance_uid"]))
-    _refine_with_cine_axis(entries)
+    _refine_without_cine(entries, dicom_dir)
 
     study = {k: v for k, v in header.items() if k not in ("patient_size", "patient_weight")}
     study["study_instance_uid"] = study_uid
@@ -428,7 +604,6 @@ def _preprocess(dicom_dir: Path, out_dir: Path, packer: _FramePacker) -> dict:
                                                   e["n_slices"] * e["n_phases"]))
             manifest["primary"][kind] = best["series_instance_uid"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if "cine_sax" not in manifest["primary"]:
         manifest["series"] = [_public(e) for e in entries]
         _write_manifest(out_dir, manifest)
