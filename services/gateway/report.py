@@ -188,8 +188,8 @@ class ReportBuilder:
         import nibabel as nib
         import numpy as np
 
-        from services.gateway.dicom_sr import build_sr
-        from services.segmentation.dicom_seg import build_segs
+        from services.gateway.dicom_sr import build_sr, seg_source_uids
+        from services.segmentation.dicom_seg import build_segs, read_source_headers, source_conformance
 
         stages = record["stages"]
         labels_ref = stages["segmentation"]["outputs"].get("labels")
@@ -207,9 +207,16 @@ class ReportBuilder:
             self.store.download_prefix(prefix["bucket"], prefix["key"], dicom_dir)
             labels_path = self.store.get_file(labels_ref["bucket"], labels_ref["key"], Path(tmp) / "labels.nii.gz")
             labels = np.asarray(nib.load(labels_path).dataobj).astype(np.uint8)
+            run = record["study_id"]  # one submission = one run: its own SR/SEG series
             segs = build_segs(dicom_dir, manifest, labels, report["models"]["segmentation"] or {},
-                              measurements=report["measurements"])
-            sr = build_sr(segs, dicom_dir, report)
+                              measurements=report["measurements"], run=run)
+            headers = list(read_source_headers(dicom_dir, seg_source_uids(segs.values())).values())
+        # Said once here, not per validator line: what of the source SR/SEG carry on as it is.
+        report["quality"] += source_conformance(headers)
+        study_uid = next(iter(segs.values())).StudyInstanceUID
+        history = self._sr_history(study_uid)
+        sr = build_sr(segs, headers, report, run=run, predecessors=_predecessors(history, run))
+        self._record_sr(study_uid, history, run, sr)
         ed, es = report["measurements"].get("ed_phase"), report["measurements"].get("es_phase")
 
         def seg_name(phase: int) -> str:  # `seg.dcm` is the end-diastolic one
@@ -223,6 +230,24 @@ class ReportBuilder:
             dataset.save_as(buffer, enforce_file_format=True)
             encoded[name] = buffer.getvalue()
         return encoded
+
+    # Every SR written for a StudyInstanceUID, oldest first, so that a re-run's SR names the one it
+    # replaces (PredecessorDocumentsSequence). Runs are different studies in this store (study_id is
+    # per submission) but one study in the PACS. The gateway is one replica: no concurrent writer.
+    def _sr_history_key(self, study_instance_uid: str) -> str:
+        return f"sr-history/{study_instance_uid}.json"
+
+    def _sr_history(self, study_instance_uid: str) -> list[dict]:
+        bucket, key = self.store.bucket("reports"), self._sr_history_key(study_instance_uid)
+        return self.store.get_json(bucket, key)["srs"] if self.store.exists(bucket, key) else []
+
+    def _record_sr(self, study_instance_uid: str, history: list[dict], run: str, sr) -> None:
+        entry = {"run": run, "study_instance_uid": sr.StudyInstanceUID, "series_instance_uid": sr.SeriesInstanceUID,
+                 "sop_instance_uid": sr.SOPInstanceUID, "sop_class_uid": sr.SOPClassUID}
+        if entry in history:
+            return  # a retried report stage: the same SR again
+        history = [e for e in history if e["run"] != run] + [entry]  # this run's newest SR is its entry
+        self.store.put_json(self.store.bucket("reports"), self._sr_history_key(study_instance_uid), {"srs": history})
 
     def __call__(self, record: dict) -> dict:
         """The workflow's report stage: write every report object; returns their refs."""
