@@ -175,17 +175,17 @@ def test_damaged_jpeg_is_a_decode_failure_and_the_nifti_beside_it_not_dicom(tmp_
         raw = (dicom / name).read_bytes()
         at = raw.index(b"\xff\xd8", raw.index(b"\xe0\x7f\x10\x00"))
         (dicom / name).write_bytes(raw[:at] + bytes(64) + raw[at + 64:])
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), dicom / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), dicom / "00_seg.nii.gz")
     read = read_folder(dicom)
     reasons = {r.file: r.reason for r in read.rejected}
     assert [f.file for f in read.frames] == ["3.dcm"]
-    assert set(reasons) == {"1.dcm", "2.dcm", "mask.nii.gz"}
+    assert set(reasons) == {"1.dcm", "2.dcm", "00_seg.nii.gz"}
     for name in ("1.dcm", "2.dcm"):
         assert reasons[name].startswith("pixel data unusable: decoding JPEGLosslessSV1 "
                                         "(1.2.840.10008.1.2.4.70) pixel data failed: "
                                         "RuntimeError:"), reasons[name]
         assert "SOI marker missing" in reasons[name]
-    assert reasons["mask.nii.gz"].startswith("not a DICOM file")
+    assert reasons["00_seg.nii.gz"].startswith("not a DICOM file")
     _reasons_are_one_line(read.rejected)
     summary = rejection_summary(read.rejected)
     assert summary.startswith("2 x pixel data unusable: decoding JPEG") and "(e.g. 1.dcm)" in summary
