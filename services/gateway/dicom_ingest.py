@@ -86,6 +86,9 @@ def quiet_dicom_libraries() -> None:
     _config.LOG_HANDLER_LEVEL = "none"  # read when the server and each association are created
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # "Non-conformant 'Affected SOP Instance UID'", once per C-STORE: preprocessing reports the
+    # study's invalid UIDs once, in its issues.
+    logging.getLogger("pynetdicom.utils").addFilter(lambda record: not record.getMessage().startswith("Non-conformant"))
 
 
 def register(subparsers) -> None:
