@@ -309,7 +309,8 @@ def test_class_the_model_does_not_segment_is_not_called_missing():
     assert "rv_ef_pct" in flag(full_model, "empty_class")["keys"] and "class_not_segmented" not in codes(full_model)
     # Myocardium: absent although predicted.
     labels[labels == 2] = 0
-    assert "lv_mass_g" in flag(measure_labels(labels, oblique_affine(), predicted_classes={1, 2}), "empty_class")["keys"]
+    no_myo = measure_labels(labels, oblique_affine(), predicted_classes={1, 2})
+    assert "lv_mass_g" in flag(no_myo, "empty_class")["keys"]
 
 
 def test_hole_in_the_stack_flagged():
@@ -343,7 +344,8 @@ def test_cli_manifest_marks_gaps(tmp_path, capsys):
     path = save(tmp_path, "labels.nii.gz", cycle_4d())
     uids = [[None if (z, t) == (3, 3) else f"1.2.{z}.{t}" for t in range(5)] for z in range(8)]
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"series": [{"kind": "cine_sax", "volume": "cine.nii.gz", "sop_instance_uids": uids}]}))
+    series = {"kind": "cine_sax", "volume": "cine.nii.gz", "sop_instance_uids": uids}
+    manifest.write_text(json.dumps({"series": [series]}))
     assert run_measure(["measure", "--labels", path]) == 0
     assert json.loads(capsys.readouterr().out)["es_phase"] == 3  # without the manifest every cell is an image
     assert run_measure(["measure", "--labels", path, "--manifest", str(manifest)]) == 0
@@ -362,7 +364,8 @@ def test_cli_manifest_errors_are_one_line(tmp_path, capsys, manifest, message):
     path = tmp_path / "manifest.json"
     path.write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
     if "--labels only" in message:
-        source = ["--ed", save(tmp_path, "ed.nii.gz", heart_phase(10, 16)), "--es", save(tmp_path, "es.nii.gz", heart_phase(6, 8))]
+        source = ["--ed", save(tmp_path, "ed.nii.gz", heart_phase(10, 16)),
+                  "--es", save(tmp_path, "es.nii.gz", heart_phase(6, 8))]
     else:
         source = ["--labels", save(tmp_path, "labels.nii.gz", cycle_4d())]
     assert run_measure(["measure", *source, "--manifest", str(path)]) == 1

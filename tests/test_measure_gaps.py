@@ -58,8 +58,8 @@ def sunnybrook(tmp_path_factory):
     case = load_case(STUDY, SUNNYBROOK / "contours" / "SC-HF-I-1")
     labels = np.zeros((entry["columns"], entry["rows"], entry["n_slices"], entry["n_phases"]), np.uint8)
     labels[..., case.ed_phase], labels[..., case.es_phase] = case.labels["ed"], case.labels["es"]
-    return SimpleNamespace(complete=complete, gapped=gapped, preprocessed=preprocessed, labels=labels, affine=np.array(entry["affine"]),
-                           ed=case.ed_phase, es=case.es_phase)
+    return SimpleNamespace(complete=complete, gapped=gapped, preprocessed=preprocessed, labels=labels,
+                           affine=np.array(entry["affine"]), ed=case.ed_phase, es=case.es_phase)
 
 
 def _measure(labels, affine, series=None):

@@ -267,7 +267,8 @@ def measure_labels(
                 if candidates.size == 1 and gaps:  # the other labelled phases all have gaps
                     quality.append(_flag(
                         "es_not_measurable", f"phase {candidates[0]} is the only complete phase with the "
-                        f"{ref_name} labelled, so ES cannot be chosen (incomplete phase(s): {_ranges(incomplete)})", keys=needs_es))
+                        f"{ref_name} labelled, so ES cannot be chosen (incomplete phase(s): {_ranges(incomplete)})",
+                        keys=needs_es))
                 else:
                     es_phase = int(candidates[np.argmin(ref_curve[candidates])])
             if gaps:
@@ -346,7 +347,8 @@ def measure_labels(
                 quality.append(_flag("class_not_segmented", "the segmentation model does not label the LV "
                                      "myocardium: LV mass not measured", keys=["lv_mass_g"]))
             elif has_lv:
-                quality.append(_flag("empty_class", f"LV myocardium is empty at ED (phase {ed_phase})", keys=["lv_mass_g"]))
+                quality.append(_flag("empty_class", f"LV myocardium is empty at ED (phase {ed_phase})",
+                                     keys=["lv_mass_g"]))
 
     # A ventricle missing on a slice between slices that have it is a segmentation hole.
     for cls, by_phase in holes.items():
