@@ -154,12 +154,13 @@ def test_sr_and_seg_are_pushed_to_the_pacs(sunnybrook_study, gateway, store, pac
 
     study, _, _ = sunnybrook_study
     report = gateway.get_report(study.study_id)
+    objects = [pydicom.dcmread(io.BytesIO(store.get_bytes(ref.bucket, ref.key))) for ref in (report.sr, *report.segs)]
+    stored, series = {ds.SOPInstanceUID for ds in objects}, {ds.SeriesInstanceUID for ds in objects}
     pushed = {}
     for path in (pacs.storage_dir / study.study_instance_uid).glob("*.dcm"):
         dataset = pydicom.dcmread(path)
-        pushed[dataset.SOPInstanceUID] = dataset.Modality
-    stored = {pydicom.dcmread(io.BytesIO(store.get_bytes(ref.bucket, ref.key))).SOPInstanceUID
-              for ref in (report.sr, *report.segs)}
+        if dataset.SeriesInstanceUID in series:  # this run's series (other tests' runs have their own)
+            pushed[dataset.SOPInstanceUID] = dataset.Modality
     assert set(pushed) == stored
     assert sorted(pushed.values()) == ["SEG", "SEG", "SR"]
     assert json.loads(report.report_json)["dicom"]["pushed_to"].startswith("PACS@127.0.0.1:")
