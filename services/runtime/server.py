@@ -13,7 +13,7 @@ from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from services.runtime.interceptors import BearerAuthInterceptor, ObservabilityInterceptor, RequestIdFilter
@@ -31,6 +31,48 @@ class ServiceSpec:
     tokens: frozenset[str] = field(default_factory=frozenset)  # empty = no auth
     on_start: Callable[[], None] | None = None
     on_stop: Callable[[], None] | None = None
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Put grpc/reflection/v1/reflection.proto into the default pool, so that reflection can
+    describe its own v1 service. It is v1alpha renamed (same messages, same field numbers)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for message in proto.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type, method.output_type = method.input_type.replace(old, new), method.output_type.replace(old, new)
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+def enable_reflection(server: grpc.Server, names: list[str]) -> None:
+    """Server reflection in both protocol versions: v1alpha (grpcio-reflection) and v1, which newer
+    clients (grpcurl, Postman, grpc-java) ask first. grpcio-reflection has no v1 servicer yet
+    (grpc/grpc#38576); the v1 messages are wire-identical, so the one servicer answers both."""
+    _register_reflection_v1_descriptor()
+    servicer = reflection.ReflectionServicer([*names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
 
 
 def configure_logging(level: str) -> None:
@@ -90,7 +132,7 @@ def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
     spec.register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*spec.names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [*spec.names, health.SERVICE_NAME])
 
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = _credentials(settings)
