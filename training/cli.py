@@ -31,12 +31,14 @@ def register(subparsers) -> None:
 def register_train(train_subparsers) -> None:
     parser = train_subparsers.add_parser(
         "nnunet-dataset",
-        help="ACDC / M&Ms / Sunnybrook -> one nnU-Net raw dataset",
+        help="ACDC (NIfTI or HDF5) / M&Ms / Sunnybrook -> one nnU-Net raw dataset",
         description="Write NNUNET_RAW_DIR/DatasetNNN_<name>/ with imagesTr, labelsTr (ED and ES of every "
         "subject, platform labels 1 LV cavity, 2 LV myocardium, 3 RV), dataset.json and a "
         "patient-grouped splits_final.json.",
     )
     parser.add_argument("--acdc", metavar="ACDC_TRAINING_DIR", help="ACDC training/ folder (patientXXX/ with Info.cfg)")
+    parser.add_argument("--acdc-h5", metavar="DIR", help="ACDC as HDF5 (patientNNN_frameFF.h5 with image/label; "
+                        "no spacing stored: 1.5625 x 1.5625 x 10 mm is assumed and written into dataset.json)")
     parser.add_argument("--mnms", metavar="MNMS_LABELED_DIR", help="M&Ms folder of subject codes (<code>/<code>_sa[_gt].nii.gz)")
     parser.add_argument("--mnms-csv", metavar="CSV", help="M&Ms metadata CSV (columns External code, ED, ES; 0-based)")
     parser.add_argument("--sunnybrook", metavar="DIR", help="Sunnybrook folder with link.csv, study folders and contours/")
@@ -51,14 +53,14 @@ def register_train(train_subparsers) -> None:
 def _nnunet_dataset(args: argparse.Namespace) -> int:
     from training.nnunet.convert import build_dataset
 
-    if args.acdc is None and args.mnms is None and args.sunnybrook is None:
-        raise CommandError("give at least one of --acdc, --mnms (with --mnms-csv), --sunnybrook")
+    if args.acdc is None and args.acdc_h5 is None and args.mnms is None and args.sunnybrook is None:
+        raise CommandError("give at least one of --acdc, --acdc-h5, --mnms (with --mnms-csv), --sunnybrook")
     if (args.mnms is None) != (args.mnms_csv is None):
         raise CommandError("--mnms and --mnms-csv go together")
     try:
         summary = build_dataset(
             args.out, args.dataset_id, name=args.name, acdc=args.acdc, mnms=args.mnms, mnms_csv=args.mnms_csv,
-            sunnybrook=args.sunnybrook, seed=args.seed, overwrite=args.overwrite,
+            sunnybrook=args.sunnybrook, seed=args.seed, overwrite=args.overwrite, acdc_h5=args.acdc_h5,
         )
     except FileNotFoundError as exc:
         raise CommandError(f"no such file or folder: {exc.filename or exc}") from None

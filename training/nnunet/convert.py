@@ -1,10 +1,16 @@
-"""ACDC, M&Ms and Sunnybrook -> one nnU-Net v2 raw dataset (issue 8).
+"""ACDC, M&Ms and Sunnybrook -> one nnU-Net v2 raw dataset (issues 8, 13).
 
 Every subject contributes its ED and ES frames as two cases (`<source>_<patient>_ed|es`), with the
 geometry of the source file kept. Labels are remapped at this boundary to the platform convention
 (0 background, 1 LV cavity, 2 LV myocardium, 3 RV) and each case's label set is checked against
 what its source promises. `splits_final.json` groups cases by patient so that the ED and ES of one
-subject never fall into different folds.
+subject never fall into different folds; ACDC patients are also stratified over ACDC's five
+diagnostic groups (blocks of 20 patient numbers), so fold 0's validation fifth holds 4 patients of
+each group: that fold is the fixed held-out set of the shipped model (`held_out` in dataset.json).
+
+ACDC also comes as HDF5 (`--acdc-h5`, the WSL4MIS redistribution: `patientNNN_frameFF.h5` with
+`image` and `label`, no voxel spacing). Those cases get ACDC_H5_ASSUMED_SPACING_MM, written into
+dataset.json (`assumed_spacing`), because nothing in the files says otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ MNMS_TO_PLATFORM = {0: 0, 1: 1, 2: 2, 3: 3}  # M&Ms: 1 LV, 2 MYO, 3 RV (the plat
 FULL_HEART = frozenset({1, 2, 3})
 N_FOLDS = 5
 DEFAULT_SEED = 12345
+# ACDC's training set: five diagnostic groups of 20 consecutive patient numbers (NOR, MINF, DCM, HCM, RV).
+ACDC_GROUP_SIZE = 20
+# (x, y, z) mm assumed for the HDF5 ACDC files, which store no geometry: ACDC's median in-plane
+# spacing (its range is 1.37-1.68 mm) and its usual 10 mm between slices.
+ACDC_H5_ASSUMED_SPACING_MM = (1.5625, 1.5625, 10.0)
 
 
 @dataclass
@@ -118,6 +129,47 @@ def acdc_cases(acdc_dir: str | Path) -> list[Case]:
     return cases
 
 
+def acdc_h5_cases(h5_dir: str | Path, spacing_mm: tuple[float, float, float] = ACDC_H5_ASSUMED_SPACING_MM) -> list[Case]:
+    """Cases of the HDF5 ACDC layout: `patientNNN_frameFF.h5` (`image`, `label` as (slices, rows,
+    columns)), two frames per patient, the lower frame number ED. No geometry is stored, so the
+    NIfTI grid gets ``spacing_mm`` (x = column, y = row, z = slice) and an axis-aligned affine."""
+    import nibabel as nib
+
+    root = Path(h5_dir)
+    frames: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(root.glob("*.h5")):
+        match = re.fullmatch(r"(patient\d{3})_frame(\d+)\.h5", path.name)
+        if match:
+            frames.setdefault(match.group(1), []).append((int(match.group(2)), path))
+    if not frames:
+        raise ValueError(f"{root}: no patientNNN_frameFF.h5 files (give the ACDC HDF5 folder)")
+    affine = np.diag([*map(float, spacing_mm), 1.0])
+    cases = []
+    for patient, found in sorted(frames.items()):
+        if len(found) != 2:
+            raise ValueError(f"{root}: {patient} has {len(found)} frame files, expected 2 (ED and ES)")
+        for phase, (_, path) in zip(("ed", "es"), sorted(found)):
+
+            def load(path=path):
+                import h5py
+
+                with h5py.File(path, "r") as f:
+                    missing = {"image", "label"} - set(f)
+                    if missing:
+                        raise ValueError(f"{path}: no dataset {sorted(missing)[0]!r}")
+                    image, label = np.asarray(f["image"], np.float32), np.asarray(f["label"])
+                if image.ndim != 3 or image.shape != label.shape:
+                    raise ValueError(f"{path}: image {image.shape} and label {label.shape} must be 3D of the same shape")
+                data = remap(label, ACDC_TO_PLATFORM, str(path)).transpose(2, 1, 0)
+                img = nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0)), affine)
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
+                return img, _label_image(nib, data, img)
+
+            cases.append(Case(f"acdc_{patient}_{phase}", f"acdc_{patient}", "ACDC-h5", FULL_HEART, load))
+    return cases
+
+
 # --- M&Ms -------------------------------------------------------------------------------------
 
 def read_mnms_phases(csv_path: str | Path) -> dict[str, tuple[int, int]]:
@@ -206,8 +258,10 @@ def sunnybrook_cases(root: str | Path) -> list[Case]:
 def make_splits(patient_of_case: dict[str, str], n_folds: int = N_FOLDS, seed: int = DEFAULT_SEED) -> list[dict]:
     """nnU-Net `splits_final.json` content grouped by patient, deterministic from `seed`.
 
-    Patients are shuffled within each source and dealt round-robin, so every fold sees every source
-    where there are enough patients. With fewer patients than folds, there are as many folds as patients.
+    Patients are shuffled within each stratum (source; for ACDC, source and diagnostic group) and
+    dealt round-robin, so every fold sees every source and group where there are enough patients:
+    each of ACDC's groups of 20 puts 4 patients in every fold. With fewer patients than folds, there
+    are as many folds as patients.
     """
     patients = sorted(set(patient_of_case.values()))
     n_folds = min(n_folds, len(patients))
@@ -215,8 +269,8 @@ def make_splits(patient_of_case: dict[str, str], n_folds: int = N_FOLDS, seed: i
         raise ValueError(f"need at least 2 patients for cross-validation splits, got {len(patients)}")
     rng = np.random.default_rng(seed)
     fold_of_patient, position = {}, 0
-    for source in sorted({p.split("_", 1)[0] for p in patients}):
-        group = [p for p in patients if p.split("_", 1)[0] == source]
+    for stratum in sorted({_stratum(p) for p in patients}):
+        group = [p for p in patients if _stratum(p) == stratum]
         for patient in rng.permutation(group):
             fold_of_patient[str(patient)] = position % n_folds
             position += 1
@@ -226,6 +280,13 @@ def make_splits(patient_of_case: dict[str, str], n_folds: int = N_FOLDS, seed: i
         train = sorted(c for c, p in patient_of_case.items() if fold_of_patient[p] != fold)
         splits.append({"train": train, "val": val})
     return splits
+
+
+def _stratum(patient_id: str) -> tuple[str, int]:
+    """(source, ACDC diagnostic group or 0): ACDC's groups are blocks of 20 patient numbers."""
+    source = patient_id.split("_", 1)[0]
+    match = re.fullmatch(r"acdc_patient(\d+)", patient_id)
+    return source, (int(match.group(1)) - 1) // ACDC_GROUP_SIZE if match else 0
 
 
 def dataset_json(num_training: int, name: str, sources: list[str]) -> dict:
@@ -244,11 +305,13 @@ def dataset_json(num_training: int, name: str, sources: list[str]) -> dict:
 
 
 def iter_cases(acdc: str | Path | None = None, mnms: str | Path | None = None, mnms_csv: str | Path | None = None,
-               sunnybrook: str | Path | None = None) -> Iterator[Case]:
+               sunnybrook: str | Path | None = None, acdc_h5: str | Path | None = None) -> Iterator[Case]:
     if mnms is not None and mnms_csv is None:
         raise ValueError("M&Ms needs its metadata CSV (ED/ES frames)")
     if acdc is not None:
         yield from acdc_cases(acdc)
+    if acdc_h5 is not None:  # the same patients as --acdc: together they fail as duplicate cases
+        yield from acdc_h5_cases(acdc_h5)
     if mnms is not None:
         yield from mnms_cases(mnms, mnms_csv)
     if sunnybrook is not None:
@@ -265,6 +328,7 @@ def build_dataset(
     sunnybrook: str | Path | None = None,
     seed: int = DEFAULT_SEED,
     overwrite: bool = False,
+    acdc_h5: str | Path | None = None,
 ) -> dict:
     """Write `out_dir/DatasetNNN_<name>/` (imagesTr, labelsTr, dataset.json, splits_final.json).
 
@@ -276,13 +340,20 @@ def build_dataset(
         raise ValueError(f"dataset id must be in 1..999, got {dataset_id}")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ValueError(f"dataset name {name!r}: use letters, digits, '_' or '-'")
-    if acdc is None and mnms is None and sunnybrook is None:
-        raise ValueError("give at least one source (ACDC, M&Ms or Sunnybrook)")
+    if acdc is None and mnms is None and sunnybrook is None and acdc_h5 is None:
+        raise ValueError("give at least one source (ACDC, ACDC HDF5, M&Ms or Sunnybrook)")
     out_dir = Path(out_dir)
     folder = out_dir / f"Dataset{dataset_id:03d}_{name}"
     clash = [p.name for p in out_dir.glob(f"Dataset{dataset_id:03d}_*") if p != folder] if out_dir.is_dir() else []
     if clash:
         raise ValueError(f"{out_dir}: dataset id {dataset_id} is already used by {clash[0]}")
+    # Collect all cases first so that layout errors show before anything is written.
+    cases = list(iter_cases(acdc, mnms, mnms_csv, sunnybrook, acdc_h5))
+    seen = set()
+    for case in cases:
+        if case.case_id in seen:
+            raise ValueError(f"case {case.case_id} appears twice")
+        seen.add(case.case_id)
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     if folder.exists():
         if not overwrite and any(folder.iterdir()):
@@ -292,13 +363,6 @@ def build_dataset(
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
 
-    # Collect all cases first so that layout errors show before anything is written.
-    cases = list(iter_cases(acdc, mnms, mnms_csv, sunnybrook))
-    seen = set()
-    for case in cases:
-        if case.case_id in seen:
-            raise ValueError(f"case {case.case_id} appears twice")
-        seen.add(case.case_id)
 
     per_source: dict[str, int] = {}
     for case in cases:
@@ -309,7 +373,13 @@ def build_dataset(
         per_source[case.source] = per_source.get(case.source, 0) + 1
 
     sources = list(per_source)
-    (folder / "dataset.json").write_text(json.dumps(dataset_json(len(cases), name, sources), indent=2) + "\n")
+    meta = dataset_json(len(cases), name, sources)
+    if "ACDC-h5" in per_source:
+        meta["assumed_spacing"] = {
+            "cases": "acdc_patient*", "source": "ACDC HDF5 (no geometry stored)",
+            "spacing_mm_xyz": list(ACDC_H5_ASSUMED_SPACING_MM),
+            "note": "ACDC in-plane spacing is really 1.37-1.68 mm and 5-10 mm between slices: "
+                    "volumes from these cases are approximate"}
     patient_of_case = {c.case_id: c.patient_id for c in cases}
     n_patients = len(set(patient_of_case.values()))
     splits_path = folder / "splits_final.json"
@@ -317,9 +387,13 @@ def build_dataset(
         splits = make_splits(patient_of_case, N_FOLDS, seed)
         splits_path.write_text(json.dumps(splits, indent=2) + "\n")
         n_folds = len(splits)
+        meta["held_out"] = {"fold": 0, "seed": seed, "why": "validation fifth of the shipped model, "
+                            "stratified by source and ACDC group; train fold 0 to keep it unseen",
+                            "patients": sorted({patient_of_case[c] for c in splits[0]["val"]})}
     else:  # one patient: no cross-validation possible
         splits_path.unlink(missing_ok=True)
         n_folds = 0
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {
         "dataset_dir": str(folder),
         "num_training": len(cases),
