@@ -142,11 +142,12 @@ def _undecodable_file(path: Path, syntax: str) -> None:
 
 @needs_study
 def test_missing_decoder_is_refused_in_one_line_naming_the_package_blocked_plugin(tmp_path):
-    """pylibjpeg is really installed, so its absence is simulated by blocking its import in a
-    fresh process (nothing else is faked); then also a syntax pydicom has no decoder for."""
+    """pylibjpeg and imagecodecs are really installed, so their absence is simulated by
+    blocking their import in a fresh process (nothing else is faked); then also a syntax pydicom
+    has no decoder for."""
     _transcode(STUDY, tmp_path / "jpeg", "dcmcjpeg", "+e1", names=["1.dcm"])
     _undecodable_file(tmp_path / "jpeg" / "video.dcm", "1.2.840.10008.1.2.4.102")  # MPEG-4
-    code = ("import sys, json; sys.modules['pylibjpeg'] = None\n"
+    code = ("import sys, json; sys.modules['pylibjpeg'] = sys.modules['imagecodecs'] = None\n"
             "from pathlib import Path\nfrom services.preprocess.reader import read_folder\n"
             "r = read_folder(Path(sys.argv[1]))\n"
             "print(json.dumps({x.file: x.reason for x in r.rejected}))")
@@ -157,7 +158,8 @@ def test_missing_decoder_is_refused_in_one_line_naming_the_package_blocked_plugi
     jpeg = reasons["1.dcm"]
     assert jpeg == ("pixel data unusable: no decoder installed for JPEGLosslessSV1 "
                     "(1.2.840.10008.1.2.4.70) (plugins: gdcm needs gdcm>=3.0.10; pylibjpeg "
-                    "needs pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1)")
+                    "needs pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1; imagecodecs needs "
+                    "imagecodecs>=2024.1)")
     video = reasons["video.dcm"]
     assert video == ("pixel data unusable: no decoder exists in pydicom for MPEG4HP41 "
                      "(1.2.840.10008.1.2.4.102)")
@@ -227,16 +229,21 @@ def test_named_pipe_in_the_study_is_skipped_not_waited_on(tmp_path):
     os.mkfifo(dicom / "pipe")
     (dicom / "sub").mkdir()
     os.mkfifo(dicom / "sub" / "another pipe")
+    (dicom / "broken.dcm").symlink_to(tmp_path / "gone.dcm")
+    outside = tmp_path / cine.files[0].name  # an image reached through a link is read
+    cine.files[0].rename(outside)
+    (dicom / "linked.dcm").symlink_to(outside)
     # A subprocess, so that a regression (a read blocking on the pipe) fails here, not hangs.
     proc = subprocess.run([sys.executable, "-c", CMRVL, "preprocess", str(dicom), "--out",
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reason = "not a regular file: named pipe (FIFO); skipped"
     assert manifest["rejected"] == [
-        {"file": "pipe", "reason": "not a regular file (named pipe (FIFO)): skipped unread"},
-        {"file": "sub/another pipe",
-         "reason": "not a regular file (named pipe (FIFO)): skipped unread"}]
+        {"file": "broken.dcm", "reason": "not a regular file: broken link or unreadable entry "
+                                         "(No such file or directory); skipped"},
+        {"file": "pipe", "reason": reason}, {"file": "sub/another pipe", "reason": reason}]
     entry, data, _ = _cine(tmp_path / "out", manifest)
     assert np.array_equal(data, cine.expected)
 
@@ -301,3 +308,28 @@ def test_file_names_that_are_not_utf8_stay_valid_utf8_in_the_manifest(tmp_path):
     read = read_folder(dicom)
     assert "img\\xff\\xfe.dcm" in {f.file for f in read.frames}
     assert os.path.exists(os.fsencode(dicom) + b"/" + _unescape("img\\xff\\xfe.dcm"))
+
+
+@needs_study
+@pytest.mark.parametrize("args", [("+e1",), ("+el",)], ids=["sv1", "p14"])
+def test_libjpeg_turbo_plugin_decodes_first_and_pydicom_plugins_remain(tmp_path, args):
+    """services.preprocess.jpeg_lossless (libjpeg-turbo via imagecodecs) is the first JPEG
+    Lossless decoder, gives the same pixels as pydicom's pylibjpeg plugin, and without
+    imagecodecs (blocked in a fresh process) pydicom's plugins decode the same file."""
+    from pydicom.pixels import get_decoder
+
+    jpeg = _transcode(STUDY, tmp_path / "jpeg", "dcmcjpeg", *args, names=["7.dcm"]) / "7.dcm"
+    ds = pydicom.dcmread(jpeg)
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    assert list(decoder._available)[0] == "imagecodecs"  # pydicom tries plugins in this order
+    truth = pydicom.dcmread(STUDY / "7.dcm").pixel_array
+    for plugin in ("imagecodecs", "pylibjpeg"):
+        assert np.array_equal(decoder.as_array(ds, decoding_plugin=plugin)[0], truth), plugin
+    code = ("import sys; sys.modules['imagecodecs'] = None\n"
+            "from pathlib import Path\nimport numpy as np\n"
+            "from services.preprocess.reader import read_folder\n"
+            "(frame,) = read_folder(Path(sys.argv[1])).frames\n"
+            "np.save(sys.argv[2], frame.pixels)")
+    subprocess.run([sys.executable, "-c", code, str(jpeg.parent), str(tmp_path / "p.npy")],
+                   cwd=REPO, check=True, timeout=120)
+    assert np.array_equal(np.load(tmp_path / "p.npy"), truth)
