@@ -1,8 +1,9 @@
 """Real-world study layouts built from the real Sunnybrook study (SCD0000101, 12 slices x 20
-phases, each slice with its own trigger-time spacing) by editing copies with pydicom: missing
-images, a missing TriggerTime, another study's files, one series per slice (each with its own
-FrameOfReferenceUID), a repeated slice, a slice with a phase fewer, a failed run into an old
-output folder, brain stacks. Each gives the right volume (every image in its cell, values equal
+phases, each slice with its own trigger-time spacing) by editing copies with pydicom: missing,
+extra and mistimed images, a missing TriggerTime, another study's files, one series per slice
+(each with its own FrameOfReferenceUID), a repeated slice, a slice with a phase fewer, a slice
+off the stack's grid, a failed run into an old output folder, brain stacks (synthetic, like the
+enhanced-MR case at the end). Each gives the right volume (every image in its cell, values equal
 to the stored pixels after rescale, the clean study's affine) or the documented refusal, and the
 problem in the manifest's issues."""
 
@@ -406,3 +407,20 @@ def test_brain_stack_beside_a_cine_is_not_short_axis(sunny, clean_affine, tmp_pa
     kinds = {s["series_instance_uid"]: s["kind"] for s in manifest["series"]}
     assert kinds[brain.series_instance_uid] == "other"
     assert_cells(tmp_path / "out", cine_of(manifest), sunny, written, clean_affine)
+
+
+def test_enhanced_frame_without_trigger_delay_is_placed_by_temporal_index(tmp_path):
+    """Frames of one enhanced MR file share an InstanceNumber; TemporalPositionIndex orders a
+    frame whose NominalCardiacTriggerDelayTime is missing."""
+    spec = factory.write_enhanced_cine(tmp_path / "dicom" / "cine.dcm")
+    ds = pydicom.dcmread(spec.files[0])
+    frame = ds.PerFrameFunctionalGroupsSequence[4]
+    del frame.CardiacSynchronizationSequence[0].NominalCardiacTriggerDelayTime
+    ds.save_as(spec.files[0])
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    (entry,) = manifest["series"]
+    data = np.asarray(nib.load(tmp_path / "out" / entry["volume"]).dataobj)
+    assert np.array_equal(data, spec.expected)
+    (issue,) = issues_of(entry, "missing_trigger_time")
+    assert entry["frame_numbers"][issue["slice"]][issue["phase"]] == 5
+    assert not issues_of(entry, "missing_phase")

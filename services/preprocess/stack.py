@@ -196,14 +196,20 @@ def _place_untimed(row: list[Frame | None], timed: list[Frame], untimed: list[Fr
                    ) -> tuple[list[Frame], list[Frame]]:
     """Put images without a trigger time into the empty cells their InstanceNumber order points
     to: a run of untimed images between two placed neighbours (in InstanceNumber order) fills
-    the empty cells between those neighbours' phases when the counts match.
+    the empty cells between those neighbours' phases when the counts match. Frames of one
+    enhanced file share an InstanceNumber: their TemporalPositionIndex orders them instead.
     Returns (placed, left out)."""
     cell = {id(f): p for p, f in enumerate(row) if f is not None}
     anchors = [f for f in timed if id(f) in cell]
-    if any(f.instance_number is None for f in anchors + untimed):
-        return [], untimed
+    frames = anchors + untimed
+    numbers = [f.instance_number for f in frames]
+    if len(set(numbers)) < len(frames):
+        numbers = [f.temporal_index for f in frames]
+    if None in numbers or len(set(numbers)) < len(frames):
+        return [], untimed  # no order to go by
+    order = {id(f): n for f, n in zip(frames, numbers)}
     placed, left = [], []
-    sequence = sorted(anchors + untimed, key=lambda f: f.instance_number)
+    sequence = sorted(frames, key=lambda f: order[id(f)])
     run: list[Frame] = []
     last = -1
     for f in sequence + [None]:

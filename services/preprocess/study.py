@@ -431,7 +431,7 @@ def preprocess_study(dicom_dir: Path, out_dir: Path) -> dict:
     when the study has no short-axis cine; FileNotFoundError when dicom_dir is not a folder.
     The output is built in a fresh folder next to out_dir and then replaces out_dir's
     manifest.json and series/ (see `_publish`), so no volume of an earlier run survives."""
-    dicom_dir, out_dir = Path(dicom_dir), Path(out_dir)
+    dicom_dir, out_dir = Path(dicom_dir), Path(out_dir).resolve()  # a link: replace its target
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"not a folder: {dicom_dir}")
     if out_dir.exists() and not out_dir.is_dir():
