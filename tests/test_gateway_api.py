@@ -194,3 +194,42 @@ def test_report_of_a_running_or_unknown_study_is_refused(gateway):
     with pytest.raises(grpc.RpcError) as err:
         gateway.get_report("nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stages_come_in_pipeline_order(sunnybrook_study, gateway):
+    study, _, _ = sunnybrook_study
+    stages = [s.stage for s in gateway.get_study(study.study_id).stages]
+    assert stages == [common_pb2.STAGE_PREPROCESS, common_pb2.STAGE_SEGMENTATION, common_pb2.STAGE_FINDINGS,
+                      common_pb2.STAGE_REPORT]
+
+
+def test_a_ris_fetches_sr_and_seg_through_the_gateway(sunnybrook_study, gateway, store, stack_info):
+    """The Report's ObjectRefs point into a store a RIS cannot read: GetReportObject streams them."""
+    import hashlib
+
+    from services.gateway.client import StudyClient
+
+    study, _, _ = sunnybrook_study
+    report = gateway.get_report(study.study_id)
+    for ref in (report.sr, *report.segs, report.json):
+        name = ref.key.rsplit("/", 1)[1]
+        chunks = list(gateway.stub.GetReportObject(study_pb2.GetReportObjectRequest(study_id=study.study_id, name=name),
+                                                   metadata=gateway.metadata, timeout=60))
+        data = b"".join(c.data for c in chunks)
+        assert data == store.get_bytes(ref.bucket, ref.key), name
+        assert (chunks[0].size_bytes, chunks[0].sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert chunks[0].content_type == ("application/json" if name.endswith(".json") else "application/dicom")
+        if len(data) > 64 * 1024:
+            assert len(chunks) > 1  # streamed in parts, not one message
+    assert gateway.get_report_object(study.study_id, "seg_es.dcm") == store.get_bytes(report.segs[1].bucket,
+                                                                                      report.segs[1].key)
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.get_report_object(study.study_id, "../other-study/sr.dcm")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    outsider = StudyClient(stack_info.target("gateway"), "wrong-token")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            outsider.get_report_object(study.study_id, "sr.dcm")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        outsider.close()

@@ -81,6 +81,10 @@ def _submit(args) -> int:
             report = _fetch_report(client, study.study_id)
             if args.out:
                 _write_report(report, args.out)
+                for ref in [report.sr, *report.segs]:  # DICOM SR/SEG through the gateway, not the store
+                    if ref.key:
+                        name = ref.key.rsplit("/", 1)[1]
+                        (args.out / name).write_bytes(client.get_report_object(study.study_id, name))
             print(_summary(report.report_json))
     except grpc.RpcError as exc:
         raise CommandError(f"{exc.code().name}: {exc.details()}") from None

@@ -50,3 +50,14 @@ class StudyClient:
 
     def get_report(self, study_id: str) -> study_pb2.Report:
         return self.stub.GetReport(study_pb2.GetReportRequest(study_id=study_id), timeout=60, metadata=self.metadata)
+
+    def get_report_object(self, study_id: str, name: str) -> bytes:
+        """One report object (e.g. "sr.dcm") streamed through the gateway; checked against its SHA-256."""
+        import hashlib
+
+        chunks = list(self.stub.GetReportObject(study_pb2.GetReportObjectRequest(study_id=study_id, name=name),
+                                                timeout=120, metadata=self.metadata))
+        data = b"".join(c.data for c in chunks)
+        if chunks and hashlib.sha256(data).hexdigest() != chunks[0].sha256:
+            raise OSError(f"{name} of study {study_id}: content does not match its SHA-256")
+        return data

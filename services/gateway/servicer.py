@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import shutil
@@ -12,9 +13,9 @@ from pathlib import Path, PurePosixPath
 import grpc
 
 from cmrvl.v1 import common_pb2, study_pb2, study_pb2_grpc
-from services.gateway.records import TERMINAL, RecordStore, new_record, study_id_for
+from services.gateway.records import STAGES, TERMINAL, RecordStore, new_record, study_id_for
 from services.gateway.workflow import Workflow
-from services.runtime.errors import StageError, grpc_errors
+from services.runtime.errors import StageError, grpc_errors, status_for
 from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
 
@@ -32,6 +33,8 @@ STAGE = {
     "report": common_pb2.STAGE_REPORT,
 }
 WATCH_POLL_S = 0.3
+REPORT_CHUNK_BYTES = 64 * 1024  # well under gRPC's default 4 MiB message limit
+CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt": "text/plain"}
 
 
 def study_message(record: dict) -> study_pb2.Study:
@@ -42,8 +45,13 @@ def study_message(record: dict) -> study_pb2.Study:
         created_at=record["created_at"], updated_at=record["updated_at"],
         stages=[study_pb2.StageRecord(stage=STAGE[name], state=s["state"], attempts=s["attempts"],
                                       seconds=s["seconds"], error=s["error"])
-                for name, s in record["stages"].items()],
+                # Pipeline order: the stored record's keys come back sorted by name.
+                for name, s in sorted(record["stages"].items(), key=lambda item: _stage_order(item[0]))],
     )
+
+
+def _stage_order(name: str) -> int:
+    return STAGES.index(name) if name in STAGES else len(STAGES)
 
 
 def event_message(record: dict, event: dict) -> study_pb2.StudyEvent:
@@ -195,6 +203,27 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
         report.report_json = self.store.get_bytes(outputs["json"]["bucket"], outputs["json"]["key"]).decode()
         report.report_text = self.store.get_bytes(outputs["text"]["bucket"], outputs["text"]["key"]).decode()
         return report
+
+    def _report_object(self, request) -> tuple[bytes, str]:
+        record = self._record(request.study_id)
+        if record["status"] not in ("completed", "partial"):
+            raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"study is {record['status']}")
+        refs = {ref["key"].rsplit("/", 1)[-1]: ref for ref in record["stages"]["report"]["outputs"].values()}
+        if request.name not in refs:
+            raise StageError(grpc.StatusCode.NOT_FOUND, f"study {request.study_id} has no report object "
+                                                        f"{request.name!r} (it has {sorted(refs)})")
+        ref = refs[request.name]
+        return self.store.get_bytes(ref["bucket"], ref["key"]), CONTENT_TYPES.get(Path(request.name).suffix, "")
+
+    def GetReportObject(self, request, context):
+        try:
+            data, content_type = self._report_object(request)
+        except Exception as exc:  # noqa: BLE001 - a stream's failure reaches the caller as its status
+            context.abort(status_for(exc), str(exc) or type(exc).__name__)
+        yield study_pb2.ReportObjectChunk(data=data[:REPORT_CHUNK_BYTES], content_type=content_type,
+                                          size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        for start in range(REPORT_CHUNK_BYTES, len(data), REPORT_CHUNK_BYTES):
+            yield study_pb2.ReportObjectChunk(data=data[start:start + REPORT_CHUNK_BYTES])
 
     @grpc_errors
     def ListStudies(self, request, context):

@@ -157,6 +157,26 @@ class Report(_message.Message):
     segs: _containers.RepeatedCompositeFieldContainer[_common_pb2.ObjectRef]
     def __init__(self, study_id: _Optional[str] = ..., status: _Optional[_Union[StudyStatus, str]] = ..., report_json: _Optional[str] = ..., report_text: _Optional[str] = ..., json: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., sr: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., seg: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., segs: _Optional[_Iterable[_Union[_common_pb2.ObjectRef, _Mapping]]] = ...) -> None: ...
 
+class GetReportObjectRequest(_message.Message):
+    __slots__ = ("study_id", "name")
+    STUDY_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    study_id: str
+    name: str
+    def __init__(self, study_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ReportObjectChunk(_message.Message):
+    __slots__ = ("data", "content_type", "size_bytes", "sha256")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    content_type: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, data: _Optional[bytes] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
 class ListStudiesRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "status")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class StudyServiceStub(object):
                 request_serializer=cmrvl_dot_v1_dot_study__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=cmrvl_dot_v1_dot_study__pb2.Report.FromString,
                 _registered_method=True)
+        self.GetReportObject = channel.unary_stream(
+                '/cmrvl.v1.StudyService/GetReportObject',
+                request_serializer=cmrvl_dot_v1_dot_study__pb2.GetReportObjectRequest.SerializeToString,
+                response_deserializer=cmrvl_dot_v1_dot_study__pb2.ReportObjectChunk.FromString,
+                _registered_method=True)
         self.ListStudies = channel.unary_unary(
                 '/cmrvl.v1.StudyService/ListStudies',
                 request_serializer=cmrvl_dot_v1_dot_study__pb2.ListStudiesRequest.SerializeToString,
@@ -117,6 +122,16 @@ class StudyServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReportObject(self, request, context):
+        """The bytes of one object of a finished study's report (its DICOM SR or a SEG, the JSON or
+        the text), streamed in chunks: a RIS gets SR/SEG through this API, with this API's
+        authentication, without access to the object store the Report's ObjectRefs point into.
+        NOT_FOUND for an unknown study or object, FAILED_PRECONDITION while the study is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListStudies(self, request, context):
         """Studies, newest first, optionally filtered by status.
         """
@@ -158,6 +173,11 @@ def add_StudyServiceServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=cmrvl_dot_v1_dot_study__pb2.GetReportRequest.FromString,
                     response_serializer=cmrvl_dot_v1_dot_study__pb2.Report.SerializeToString,
+            ),
+            'GetReportObject': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReportObject,
+                    request_deserializer=cmrvl_dot_v1_dot_study__pb2.GetReportObjectRequest.FromString,
+                    response_serializer=cmrvl_dot_v1_dot_study__pb2.ReportObjectChunk.SerializeToString,
             ),
             'ListStudies': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStudies,
@@ -306,6 +326,33 @@ class StudyService(object):
             '/cmrvl.v1.StudyService/GetReport',
             cmrvl_dot_v1_dot_study__pb2.GetReportRequest.SerializeToString,
             cmrvl_dot_v1_dot_study__pb2.Report.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReportObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cmrvl.v1.StudyService/GetReportObject',
+            cmrvl_dot_v1_dot_study__pb2.GetReportObjectRequest.SerializeToString,
+            cmrvl_dot_v1_dot_study__pb2.ReportObjectChunk.FromString,
             options,
             channel_credentials,
             insecure,
