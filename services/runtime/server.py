@@ -56,7 +56,8 @@ def _register_reflection_v1_descriptor() -> None:
             if f.HasField("type_name"):
                 f.type_name = f.type_name.replace(old, new)
     for method in proto.service[0].method:
-        method.input_type, method.output_type = method.input_type.replace(old, new), method.output_type.replace(old, new)
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
     pool.AddSerializedFile(proto.SerializeToString())
 
 
