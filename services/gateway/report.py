@@ -159,9 +159,9 @@ def _predecessors(history: list[dict], run: str) -> list:
     earlier = history[:runs.index(run)] if run in runs else history
     if not earlier:
         return []
-    previous = Dataset()
-    previous.StudyInstanceUID, previous.SeriesInstanceUID = earlier[-1]["study_instance_uid"], earlier[-1]["series_instance_uid"]
-    previous.SOPInstanceUID, previous.SOPClassUID = earlier[-1]["sop_instance_uid"], earlier[-1]["sop_class_uid"]
+    last, previous = earlier[-1], Dataset()
+    previous.StudyInstanceUID, previous.SeriesInstanceUID = last["study_instance_uid"], last["series_instance_uid"]
+    previous.SOPInstanceUID, previous.SOPClassUID = last["sop_instance_uid"], last["sop_class_uid"]
     return [previous]
 
 
