@@ -19,8 +19,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import (BasicTextSRStorage, EnhancedMRImageStorage, MRImageStorage,
-                                  SegmentationStorage, Verification)
+from pynetdicom.sop_class import BasicTextSRStorage, SegmentationStorage, Verification
 
 import dicom_factory as factory
 from services.preprocess.cstore import SUBMISSIONS, StudyReceiver
