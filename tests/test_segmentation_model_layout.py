@@ -87,3 +87,44 @@ def test_label_map_remaps_model_labels(model, tmp_path):
 def test_export_rejects_incomplete_label_map(model, tmp_path):
     with pytest.raises(LayoutError, match="label_map"):
         export_model(model.results_folder, tmp_path, MODEL_NAME, 1, fold=FOLD, label_map={0: 0, 1: 1})
+
+
+def test_choices_recorded_in_inference_json_are_honoured(model, tmp_path):
+    """record_inference_choices: mirroring off and largest-component post-processing, read back by
+    load_segmenter (a copy of the layout; the fixture's own files stay as built)."""
+    import shutil
+
+    from scipy.ndimage import label as components
+
+    from services.segmentation.inference import load_segmenter, postprocess
+    from services.segmentation.model_layout import record_inference_choices
+
+    shutil.copytree(model.layout, tmp_path / "repo")
+    model_dir = resolve_model_dir(tmp_path / "repo")
+    version_dir = model_dir / str(latest_version(model_dir))
+    info = record_inference_choices(version_dir, use_mirroring=False, largest_component=[1, 3],
+                                    evidence={"why": "test"})
+    assert info["use_mirroring"] is False and info["postprocessing"] == {"largest_component": [1, 3]}
+    image, _, affine = unseen_cine(n_phases=1)
+    chosen = load_segmenter(tmp_path / "repo")
+    assert chosen.predictor.use_mirroring is False and chosen.largest_component == (1, 3)
+    raw = load_segmenter(tmp_path / "repo", use_mirroring=False)
+    raw.largest_component = ()
+    plain, post = raw.segment_cine(image, affine)[..., 0], chosen.segment_cine(image, affine)[..., 0]
+    np.testing.assert_array_equal(post, postprocess(plain, (1, 3)))
+    for value in (1, 3):
+        assert components(post == value)[1] <= 1
+    with pytest.raises(LayoutError, match="not CMR-VL foreground"):
+        record_inference_choices(version_dir, use_mirroring=True, largest_component=[0, 4])
+
+
+def test_postprocess_keeps_the_largest_component_of_the_chosen_labels():
+    from services.segmentation.inference import postprocess
+
+    labels = np.zeros((12, 12, 3), np.uint8)
+    labels[1:6, 1:6, 1] = 1   # the LV cavity
+    labels[9:11, 9:11, 1] = 1  # a stray island of "LV cavity"
+    labels[8:10, 1:3, 2] = 3   # RV, one island: kept
+    out = postprocess(labels, (1, 3))
+    assert (out[9:11, 9:11, 1] == 0).all() and (out[1:6, 1:6, 1] == 1).all() and (out == 3).sum() == 4
+    np.testing.assert_array_equal(postprocess(labels, ()), labels)

@@ -10,6 +10,12 @@ mirrored variants of a tile in the same batch - instead of one patch per call.
 
     seg = load_segmenter("models/triton", backend="triton", triton_url="triton:8001")
     labels_4d = seg.segment_cine(image_4d, affine)   # (x, y, slice, phase), uint8 0..3
+
+``segment_image`` (what `cmrvl segment` runs) takes a 3D or 4D short-axis image in any axis order:
+the slice axis is the spatial axis with the largest spacing, moved last for the 2D network and back.
+Post-processing (keep the largest connected component of a label in each 3D volume, nnU-Net's
+``remove_all_but_largest_component``) is applied where the model's inference.json asks for it
+(``postprocessing.largest_component``: chosen on validation by training/nnunet/evaluate.py).
 """
 from __future__ import annotations
 
@@ -91,7 +97,8 @@ class BackendPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def predict_logits_many(self, volumes: list[torch.Tensor]) -> list[torch.Tensor]:
         """predict_sliding_window_return_logits for several preprocessed volumes [c, *spatial] at once:
-        their tiles share backend batches. Accumulation follows nnU-Net (fp16 sums, Gaussian weights)."""
+        their tiles share backend batches. Accumulation follows nnU-Net (Gaussian weights), but in float32:
+        nnU-Net sums in fp16 to save GPU memory, which a CPU emulates slowly (a third of a cine's time)."""
         patch = self.configuration_manager.patch_size
         n_heads = self.label_manager.num_segmentation_heads
         jobs = []
@@ -100,8 +107,8 @@ class BackendPredictor(nnUNetPredictor):
                 raise InvalidInput(f"preprocessed volume must be [c, x, y, z], got {tuple(volume.shape)}")
             data, revert = pad_nd_image(volume, patch, "constant", {"value": 0}, True, None)
             jobs.append(dict(data=data, revert=revert, slicers=self._internal_get_sliding_window_slicers(data.shape[1:]),
-                             logits=torch.zeros((n_heads, *data.shape[1:]), dtype=torch.half),
-                             n=torch.zeros(data.shape[1:], dtype=torch.half)))
+                             logits=torch.zeros((n_heads, *data.shape[1:]), dtype=torch.float32),
+                             n=torch.zeros(data.shape[1:], dtype=torch.float32)))
         gaussian = compute_gaussian(tuple(patch), sigma_scale=1. / 8, value_scaling_factor=10,
                                     device=torch.device("cpu")) if self.use_gaussian else 1
         tiles = [(job, sl) for job in jobs for sl in job["slicers"]]
@@ -119,7 +126,7 @@ class BackendPredictor(nnUNetPredictor):
         for job in jobs:
             logits = torch.div(job["logits"], job["n"], out=job["logits"])
             if torch.any(torch.isinf(logits)):
-                raise SegmentationError("inf in the accumulated logits (fp16 overflow)")
+                raise SegmentationError("inf in the accumulated logits")
             results.append(logits[(slice(None), *job["revert"][1:])])
         return results
 
@@ -141,8 +148,10 @@ def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
 class Segmenter:
     """Segments cine volumes (x = DICOM column, y = row, z = slice, t = phase) into CMR-VL labels."""
 
-    def __init__(self, predictor: BackendPredictor, lut: np.ndarray, model_dir: Path, version: int):
+    def __init__(self, predictor: BackendPredictor, lut: np.ndarray, model_dir: Path, version: int,
+                 largest_component: tuple[int, ...] = ()):
         self.predictor, self.lut, self.model_dir, self.version = predictor, lut, model_dir, version
+        self.largest_component = tuple(int(v) for v in largest_component)  # CMR-VL labels
         self._preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
 
     def segment_volume(self, image_3d: np.ndarray, affine) -> np.ndarray:
@@ -175,11 +184,48 @@ class Segmenter:
         for t, (lg, props) in enumerate(zip(logits, properties)):
             seg = convert_predicted_logits_to_segmentation_with_correct_shape(
                 lg.numpy(), p.plans_manager, p.configuration_manager, p.label_manager, props, num_threads_torch=1)
-            labels[..., t] = self.lut[seg.transpose(2, 1, 0)]
+            labels[..., t] = postprocess(self.lut[seg.transpose(2, 1, 0)], self.largest_component)
         return labels
 
     def close(self) -> None:
         self.predictor.backend.close()
+
+
+def postprocess(labels_3d: np.ndarray, largest_component: tuple[int, ...]) -> np.ndarray:
+    """Keep only the largest 3D connected component of each label in ``largest_component``."""
+    if not largest_component:
+        return labels_3d
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    for value in largest_component:  # one label at a time: a list would be treated as one union mask
+        labels_3d = remove_all_but_largest_component_from_segmentation(labels_3d, int(value), background_label=0)
+    return labels_3d
+
+
+def slice_axis(affine, shape: tuple[int, ...]) -> int:
+    """The spatial axis the short-axis slices are stacked along: the largest voxel spacing (slices are
+    thicker and further apart than pixels); ties go to the axis with the fewest voxels, then the last."""
+    spacing = spacing_from_affine(affine)
+    return max(range(3), key=lambda a: (round(float(spacing[a]), 3), -shape[a], a))
+
+
+def segment_image(segmenter: "Segmenter", image: np.ndarray, affine) -> np.ndarray:
+    """Labels (uint8, exactly ``image``'s shape) of a 3D (x, y, slices) or 4D (..., phases) short-axis
+    image whose slice axis may be any of the three spatial axes."""
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise InvalidInput(f"expected a 3D (x, y, slices) or 4D (x, y, slices, phases) image, got {image.ndim}D "
+                           f"of shape {image.shape}")
+    affine = np.asarray(affine, np.float64)
+    axis = slice_axis(affine, image.shape)
+    order = [a for a in range(3) if a != axis] + [axis]  # slices last, in-plane order kept
+    moved = np.transpose(image, order + list(range(3, image.ndim)))
+    moved_affine = affine.copy()
+    moved_affine[:3, :3] = affine[:3, order]
+    labels = segmenter.segment_cine(moved, moved_affine)
+    if image.ndim == 3:
+        labels = labels[..., 0]
+    return np.ascontiguousarray(np.transpose(labels, np.argsort(order).tolist() + list(range(3, image.ndim))))
 
 
 def labels_nifti(labels: np.ndarray, affine) -> "nibabel.Nifti1Image":
@@ -194,7 +240,7 @@ def labels_nifti(labels: np.ndarray, affine) -> "nibabel.Nifti1Image":
 
 def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime", *, triton_url: str | None = None,
                    model_name: str = MODEL_NAME, version: int | None = None, timeout_s: float = 60.0,
-                   max_attempts: int = 4, fallback: bool = False, use_mirroring: bool = True,
+                   max_attempts: int = 4, fallback: bool = False, use_mirroring: bool | None = None,
                    threads: int | None = None) -> Segmenter:
     """Segmenter for the model layout at ``model_dir_or_layout`` (repository or model folder).
 
@@ -202,6 +248,8 @@ def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime"
     model on Triton at ``triton_url`` (host:grpc_port), which must serve this layout; only the
     version's JSON files are read locally, unless ``fallback=True``: then the local model.onnx runs
     in-process whenever Triton stays unavailable after its retries.
+    ``use_mirroring`` None: as the version's inference.json chose on validation (``use_mirroring``,
+    True where it says nothing: nnU-Net's default).
     """
     model_dir = resolve_model_dir(model_dir_or_layout, model_name)
     version = int(version) if version is not None else latest_version(model_dir)
@@ -222,5 +270,8 @@ def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime"
                                                           threads=threads))
     else:
         raise ValueError(f"unknown backend {backend!r} (onnxruntime or triton)")
+    if use_mirroring is None:
+        use_mirroring = bool(info.get("use_mirroring", True))
     predictor = BackendPredictor(net, layout, use_mirroring=use_mirroring)
-    return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version)
+    post = (info.get("postprocessing") or {}).get("largest_component") or ()
+    return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version, largest_component=post)

@@ -12,7 +12,9 @@ Layout (a Triton model repository; in the cluster Triton loads it straight from 
           dataset.json                 nnU-Net dataset.json (channels, labels, file ending), as trained
           labels.json                  label map: nnU-Net label value -> CMR-VL label, CMR-VL names
           inference.json               what the checkpoint adds: configuration, mirroring axes, tensor
-                                       names, source checkpoint, ONNX-vs-PyTorch verification
+                                       names, source checkpoint, ONNX-vs-PyTorch verification; and
+                                       the choices made on validation (record_inference_choices):
+                                       use_mirroring, postprocessing.largest_component
 
 The JSON files sit beside model.onnx so that each version carries the preprocessing it was trained
 with; Triton's ONNX backend reads only model.onnx and ignores them. The segmentation service reads
@@ -35,6 +37,8 @@ from typing import Any
 import numpy as np
 
 MODEL_NAME = "cmr_seg"
+# The model shipped in the repository (MODEL_CARD.md there); what `cmrvl segment` uses by default.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ONNX_OPSET = 17
@@ -229,3 +233,21 @@ def export_model(nnunet_results_folder: str | Path, out_layout_dir: str | Path,
     }
     (version_dir / "inference.json").write_text(json.dumps(inference, indent=2))
     return inference
+
+
+def record_inference_choices(version_dir: str | Path, *, use_mirroring: bool, largest_component: list[int],
+                             evidence: dict | None = None) -> dict[str, Any]:
+    """Write what validation chose into the version's inference.json: test-time mirroring on or off,
+    and the CMR-VL labels whose largest 3D connected component alone is kept (nnU-Net-style
+    post-processing), with the numbers that decided it. The segmentation service reads them."""
+    path = Path(version_dir) / "inference.json"
+    info = json.loads(path.read_text())
+    unknown = sorted(set(map(int, largest_component)) - (set(CMRVL_LABELS) - {0}))
+    if unknown:
+        raise LayoutError(f"largest_component labels {unknown} are not CMR-VL foreground labels")
+    info["use_mirroring"] = bool(use_mirroring)
+    info["postprocessing"] = {"largest_component": sorted(int(v) for v in largest_component)}
+    if evidence is not None:
+        info["choices_evidence"] = evidence
+    path.write_text(json.dumps(info, indent=2))
+    return info

@@ -11,6 +11,14 @@ numbers come from services.segmentation.function.measure_labels, the service's m
   (and RV EDV/ESV/EF where the reference has an RV), predicted minus reference, measured on the
   annotated slices; over patients: bias and 95% limits of agreement (bias +- 1.96 SD; SD needs
   at least two patients).
+- Mean Dice also per phase (ED, ES) and, for ACDC cases, per ACDC diagnostic group. A class the
+  model does not output scores 0 where the reference has it (an LV-only model on the RV).
+
+The cases are those nnU-Net validated in ``fold_dir``, or an explicit list (``cases``; e.g. the
+held-out fifth recorded in the dataset's dataset.json). Run standalone:
+
+    python -m training.nnunet.evaluate --model LAYOUT --dataset STAGED_DATASET --held-out [--no-mirroring]
+        [--out evaluation.json]
 """
 
 from __future__ import annotations
@@ -21,6 +29,18 @@ from pathlib import Path
 import numpy as np
 
 CLASS_NAMES = {1: "LV cavity", 2: "LV myocardium", 3: "RV"}
+# ACDC's training set: groups of 20 consecutive patient numbers, in this order (its Info.cfg `Group`).
+ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
+
+
+def acdc_group(case_id: str) -> str | None:
+    """ACDC diagnostic group of a case id such as ``acdc_patient042_ed``; None for other sources."""
+    import re
+
+    match = re.fullmatch(r"acdc_patient(\d{3})_(ed|es)", case_id)
+    if not match or not 1 <= int(match.group(1)) <= 100:
+        return None
+    return ACDC_GROUPS[(int(match.group(1)) - 1) // 20]
 CLINICAL_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "lv_mass_g", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct")
 
 
@@ -51,27 +71,35 @@ def agreement(diffs: list[float]) -> dict:
             "loa_high": bias + 1.96 * sd if sd is not None else None}
 
 
-def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_dir: str | Path,
-                      training: dict | None = None, out: str | Path | None = None) -> dict:
+def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_dir: str | Path | None,
+                      training: dict | None = None, out: str | Path | None = None, cases: list[str] | None = None,
+                      use_mirroring: bool | None = None, note: str | None = None) -> dict:
     """Evaluate ``version_dir`` (an exported model version) on the validation cases of ``fold_dir``
-    (the cases nnU-Net validated), with labels from ``staged_dataset``; writes evaluation.json."""
+    (the cases nnU-Net validated) or on ``cases``, with labels from ``staged_dataset``; writes
+    evaluation.json (or ``out``). ``use_mirroring`` None: as the model's inference.json says."""
+    import time
+
     import nibabel as nib
 
     from services.segmentation.function import measure_labels
     from services.segmentation.inference import load_segmenter
     from training.nnunet.train import known_labels
 
-    version_dir, staged_dataset, fold_dir = Path(version_dir), Path(staged_dataset), Path(fold_dir)
+    version_dir, staged_dataset = Path(version_dir), Path(staged_dataset)
+    fold_dir = Path(fold_dir) if fold_dir is not None else None
     dataset = json.loads((staged_dataset / "dataset.json").read_text())
     ending = dataset.get("file_ending", ".nii.gz")
     ignore = dataset["labels"].get("ignore")
     classes = sorted(v for k, v in dataset["labels"].items() if k not in ("background", "ignore"))
-    cases = sorted(p.name[: -len(ending)] for p in (fold_dir / "validation").glob(f"*{ending}"))
-    if not cases:
-        raise ValueError(f"{fold_dir}/validation holds no predicted cases (was nnU-Net's validation run?)")
+    if cases is None:
+        cases = sorted(p.name[: -len(ending)] for p in (fold_dir / "validation").glob(f"*{ending}"))
+        if not cases:
+            raise ValueError(f"{fold_dir}/validation holds no predicted cases (was nnU-Net's validation run?)")
 
-    segmenter = load_segmenter(version_dir.parent, backend="onnxruntime", version=int(version_dir.name))
+    segmenter = load_segmenter(version_dir.parent, backend="onnxruntime", version=int(version_dir.name),
+                               use_mirroring=use_mirroring)
     per_case, labels_of = {}, {}
+    start = time.perf_counter()
     try:
         for case in cases:
             image = nib.load(str(staged_dataset / "imagesTr" / f"{case}_0000{ending}"))
@@ -86,9 +114,17 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
     finally:
         segmenter.close()
 
-    dice_by_class = {CLASS_NAMES[c]: [r["dice"][CLASS_NAMES[c]] for r in per_case.values()
-                                      if r["dice"].get(CLASS_NAMES[c]) is not None] for c in classes}
-    dice_mean = {k: float(np.mean(v)) if v else None for k, v in dice_by_class.items()}
+    seconds = time.perf_counter() - start
+
+    def mean_dice(selected: dict) -> dict:
+        values = {CLASS_NAMES[c]: [r["dice"][CLASS_NAMES[c]] for r in selected.values()
+                                   if r["dice"].get(CLASS_NAMES[c]) is not None] for c in classes}
+        return {k: float(np.mean(v)) if v else None for k, v in values.items()}
+
+    dice_mean = mean_dice(per_case)
+    dice_by_phase = {ph: mean_dice({c: r for c, r in per_case.items() if c.endswith(f"_{ph}")}) for ph in ("ed", "es")}
+    groups = sorted({g for g in map(acdc_group, per_case) if g}, key=ACDC_GROUPS.index)
+    dice_by_group = {g: mean_dice({c: r for c, r in per_case.items() if acdc_group(c) == g}) for g in groups}
 
     clinical = {}
     for case in cases:
@@ -104,20 +140,25 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
                             if c["predicted"][k] is not None and c["reference"][k] is not None else None
                             for c in clinical.values()]) for k in CLINICAL_KEYS}
 
-    fold = fold_dir.name.removeprefix("fold_")
+    fold = fold_dir.name.removeprefix("fold_") if fold_dir is not None else None
     report = {
         "model": str(version_dir),
         "dataset": dataset.get("name", staged_dataset.name),
         "fold": fold,
         "on_training_data": fold == "all",
-        "note": ("fold 'all': the validation cases are the training cases; these numbers only show that the "
-                 "pipeline works, not how the model generalises") if fold == "all" else
-                "validation cases of this fold (not seen in training)",
+        "note": note or (("fold 'all': the validation cases are the training cases; these numbers only show that the "
+                          "pipeline works, not how the model generalises") if fold == "all" else
+                         "validation cases of this fold (not seen in training)"),
+        "use_mirroring": segmenter.predictor.use_mirroring and bool(segmenter.predictor.allowed_mirroring_axes),
+        "largest_component": list(segmenter.largest_component),
+        "seconds": round(seconds, 1),
         "backend": "onnxruntime (the exported model.onnx with nnU-Net pre/post-processing, as served)",
         "scoring": "Dice on the classes and slices each case annotates; clinical values from "
                    "services.segmentation.function.measure_labels on the annotated slices, predicted - reference",
         "cases": per_case,
         "dice_mean": dice_mean,
+        "dice_by_phase": dice_by_phase,
+        "dice_by_group": dice_by_group,
         "clinical": clinical,
         "clinical_errors": errors,
         "training": training,
@@ -125,3 +166,46 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
     out = Path(out) if out is not None else version_dir / "evaluation.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def held_out_cases(staged_dataset: str | Path) -> list[str]:
+    """The cases of the held-out patients recorded in the dataset's dataset.json (convert.py)."""
+    staged_dataset = Path(staged_dataset)
+    dataset = json.loads((staged_dataset / "dataset.json").read_text())
+    if "held_out" not in dataset:
+        raise ValueError(f"{staged_dataset}/dataset.json records no held-out patients")
+    patients = set(dataset["held_out"]["patients"])
+    ending = dataset.get("file_ending", ".nii.gz")
+    return sorted(p.name[: -len(ending)] for p in (staged_dataset / "labelsTr").glob(f"*{ending}")
+                  if p.name[: -len(ending)].rsplit("_", 1)[0] in patients)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Evaluate an exported model on a staged nnU-Net dataset")
+    parser.add_argument("--model", required=True, help="model layout (repository or model folder)")
+    parser.add_argument("--version", type=int, help="model version (default: the latest)")
+    parser.add_argument("--dataset", required=True, help="staged dataset folder (nnUNet_raw/DatasetNNN_X)")
+    parser.add_argument("--held-out", action="store_true", help="the held-out patients of dataset.json")
+    parser.add_argument("--fold-dir", help="nnU-Net fold folder whose validation cases to use")
+    parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring")
+    parser.add_argument("--mirroring", action="store_true", help="test-time mirroring on all allowed axes")
+    parser.add_argument("--out", required=True, help="evaluation JSON to write")
+    args = parser.parse_args(argv)
+    from services.segmentation.model_layout import latest_version, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    version_dir = model_dir / str(args.version or latest_version(model_dir))
+    cases = held_out_cases(args.dataset) if args.held_out else None
+    mirroring = False if args.no_mirroring else (True if args.mirroring else None)
+    report = evaluate_exported(version_dir, args.dataset, Path(args.fold_dir) if args.fold_dir else None,
+                               out=args.out, cases=cases, use_mirroring=mirroring,
+                               note="held-out patients of the dataset (never trained on)" if args.held_out else None)
+    print(json.dumps({k: report[k] for k in ("dice_mean", "dice_by_phase", "dice_by_group", "use_mirroring",
+                                             "seconds")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
