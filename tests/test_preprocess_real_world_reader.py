@@ -16,6 +16,7 @@ test files bundled with pydicom, and from tests/dicom_factory.py:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -161,6 +162,11 @@ def test_missing_decoder_is_refused_in_one_line_naming_the_package_blocked_plugi
     video = reasons["video.dcm"]
     assert video == ("pixel data unusable: no decoder exists in pydicom for MPEG4HP41 "
                      "(1.2.840.10008.1.2.4.102)")
+    # GE's private "implicit little endian with big endian pixel data" (old GE PACS).
+    _transcode(STUDY, tmp_path / "ge", "dcmconv", "+tg", names=["1.dcm"])
+    (ge,) = read_folder(tmp_path / "ge").rejected
+    assert ge.reason == ("pixel data unusable: transfer syntax 1.2.840.113619.5.2 is private or "
+                         "unknown, pydicom cannot decode it")
     # With the plugin importable (this process) the same JPEG file decodes.
     read = read_folder(tmp_path / "jpeg")
     assert [f.file for f in read.frames] == ["1.dcm"]
@@ -168,7 +174,8 @@ def test_missing_decoder_is_refused_in_one_line_naming_the_package_blocked_plugi
 
 
 @needs_study
-def test_damaged_jpeg_is_a_decode_failure_and_the_nifti_beside_it_not_dicom(tmp_path):
+def test_damaged_jpeg_is_a_decode_failure_and_the_nifti_beside_it_not_dicom(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     dicom = _transcode(STUDY, tmp_path / "jpeg", "dcmcjpeg", "+e1",
                        names=["1.dcm", "2.dcm", "3.dcm"])
     for name in ("1.dcm", "2.dcm"):  # the JPEG stream's start (SOI marker) overwritten
@@ -187,6 +194,7 @@ def test_damaged_jpeg_is_a_decode_failure_and_the_nifti_beside_it_not_dicom(tmp_
         assert "SOI marker missing" in reasons[name]
     assert reasons["00_seg.nii.gz"].startswith("not a DICOM file")
     _reasons_are_one_line(read.rejected)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # no tracebacks
     summary = rejection_summary(read.rejected)
     assert summary.startswith("2 x pixel data unusable: decoding JPEG") and "(e.g. 1.dcm)" in summary
     assert "1 x not a DICOM file" in summary and "\n" not in summary

@@ -11,6 +11,7 @@ that names the cause. A file's header (132 bytes) is checked before the rest is 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
@@ -134,16 +135,22 @@ class ReadResult:
 
 @contextmanager
 def quiet_pydicom():
-    """Real data has invalid UIDs and odd VRs: read them as they are, without warnings."""
+    """Real data has invalid UIDs and odd VRs: read them as they are, without warnings. pydicom
+    also logs a traceback for every decoder plugin that fails on a frame (even when the next
+    one decodes it); a file that no plugin decodes is rejected with the reason instead."""
     cfg = pydicom.config.settings
     saved = cfg.reading_validation_mode
+    log = logging.getLogger("pydicom")  # its modules log through child loggers
+    log_level = log.level
     cfg.reading_validation_mode = pydicom.config.IGNORE
+    log.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         cfg.reading_validation_mode = saved
+        log.setLevel(log_level)
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -326,7 +333,8 @@ def _pixels(ds, n_frames: int, rows: int, cols: int) -> np.ndarray:
     truncated or undecodable."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and not ts.is_transfer_syntax:
-        raise _Refused(f"pixel data unusable: unknown transfer syntax {ts}")
+        raise _Refused(f"pixel data unusable: transfer syntax {ts} is private or unknown, "
+                       f"pydicom cannot decode it")
     key = (_raw_us(ds, _BITS_ALLOCATED) or 0, _raw_us(ds, _PIXEL_REPRESENTATION) or 0)
     native = (ts is not None and not ts.is_compressed and ts.is_little_endian
               and key in _NATIVE_DTYPES and _raw_us(ds, _BITS_STORED) == key[0]
