@@ -4,6 +4,7 @@ refusal. Cases are built from the Sunnybrook study with DCMTK (dcmconv, dcmcjpeg
 test files bundled with pydicom, and from tests/dicom_factory.py:
 
 - Explicit VR Big Endian and JPEG Lossless (.70 SV1, .57 process 14) copies of Sunnybrook;
+  Deflated and GE's private big-endian-pixel syntax (refused) on a few of its files;
 - pydicom's MR_small in seven transfer syntaxes (LE, implicit, two big endian, RLE, JPEG-LS,
   JPEG 2000);
 - a JPEG syntax whose decoder plugin is absent (blocked in a subprocess) and one pydicom has no
@@ -121,6 +122,19 @@ def test_pydicom_public_test_files_decode_to_the_same_pixels(tmp_path):
         assert frame.pixels.dtype == np.int16, frame.file
         assert np.array_equal(frame.pixels, truth.pixel_array), frame.file
         assert frame.ipp == tuple(float(v) for v in truth.ImagePositionPatient), frame.file
+
+
+@needs_study
+def test_deflated_sunnybrook_files_read_as_stored(tmp_path):
+    names = ["1.dcm", "2.dcm", "100.dcm"]
+    _transcode(STUDY, tmp_path / "deflated", "dcmconv", "+td", names=names)
+    read = read_folder(tmp_path / "deflated")
+    assert read.rejected == [] and sorted(f.file for f in read.frames) == sorted(names)
+    for frame in read.frames:
+        truth = pydicom.dcmread(STUDY / frame.file)
+        assert np.array_equal(frame.pixels, truth.pixel_array), frame.file
+        assert frame.ipp == tuple(float(v) for v in truth.ImagePositionPatient)
+        assert frame.trigger_time_ms == float(truth.TriggerTime)
 
 
 def _undecodable_file(path: Path, syntax: str) -> None:
