@@ -130,3 +130,6 @@ def test_cmrvl_receive_submits_a_real_study_and_logs_per_study_not_per_file(stac
     assert "Invalid value" not in output and len(lines) < 15, output[-3000:]  # not one line per file
     study_id = submitted[0].split(" as ")[1].split()[0]
     assert gateway.get_study(study_id).study_instance_uid == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    # Its run is not this test's subject (tests/integration/test_pacs_round_trip.py follows one to the
+    # report): stop it, so that it does not load the shared stack.
+    gateway.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study_id), metadata=gateway.metadata)

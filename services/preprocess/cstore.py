@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -98,9 +99,9 @@ def is_image(dataset, sop_class: str) -> bool:
 @dataclass
 class _Receiving:
     """A study some of whose images are in its receiving folder, not yet handed off."""
+    study_uid: str  # as sent (the folder name is its file-safe form)
     last_activity: float
     open_associations: set[int] = field(default_factory=set)
-    images: int = 0
     senders: set[str] = field(default_factory=set)
     aborted: bool = False
 
@@ -175,10 +176,17 @@ class StudyReceiver:
 
     def _resume(self) -> None:
         """Pick up what an earlier run left: receiving folders and the last submission of each study."""
+        for partial in (self.storage_dir / PARTIAL).glob("*.part"):  # never acknowledged: the sender resends
+            partial.unlink()
         now = time.monotonic()
         for folder in self.storage_dir.iterdir():
-            if folder.is_dir() and not folder.name.startswith(".") and any(folder.glob("*.dcm")):
-                self._receiving[folder.name] = _Receiving(last_activity=now, senders={"an earlier run"})
+            first = next(folder.glob("*.dcm"), None) if folder.is_dir() and not folder.name.startswith(".") else None
+            if first is not None:
+                try:
+                    uid = _raw_uid(pydicom.dcmread(first, specific_tags=[_STUDY_UID]), _STUDY_UID)
+                except Exception:  # noqa: BLE001 - written by this receiver; the name is the UID then
+                    uid = folder.name
+                self._receiving[folder.name] = _Receiving(uid, now, senders={"an earlier run"})
         for study in (self.storage_dir / SUBMISSIONS).glob("*"):
             folders = sorted(p for p in study.iterdir() if p.is_dir())
             if folders:  # without its .done mark the outcome is unknown: kept, retried with the next push
@@ -214,9 +222,8 @@ class StudyReceiver:
                 folder.mkdir(exist_ok=True)
                 os.replace(partial, folder / (_safe_name(sop_uid) + ".dcm"))  # never a half-written .dcm
                 if self.on_study is not None:
-                    study = self._receiving.setdefault(name, _Receiving(last_activity=time.monotonic()))
+                    study = self._receiving.setdefault(name, _Receiving(study_uid, time.monotonic()))
                     study.last_activity = time.monotonic()
-                    study.images += 1
                     study.senders.add(_peer(event.assoc))
                     study.open_associations.add(id(event.assoc))
                     self._assoc_studies.setdefault(id(event.assoc), set()).add(name)
@@ -271,16 +278,18 @@ class StudyReceiver:
             self._expire_submissions()
 
     def _hand_off(self, name: str) -> None:
-        submissions = self.storage_dir / SUBMISSIONS / name
-        submissions.mkdir(parents=True, exist_ok=True)
-        target = submissions / f"{time.time_ns():020d}"
+        target = self.storage_dir / SUBMISSIONS / name / f"{time.time_ns():020d}"
         with self._lock:
-            study = self._receiving.pop(name)
+            study = self._receiving[name]
+            if study.open_associations or time.monotonic() - study.last_activity < self.quiet_s:
+                return  # an image came in since the check
+            del self._receiving[name]
             if study.aborted:
                 log.warning("study %s: the last association sending it aborted; %d images kept in %s until a "
                             "complete push", name, len(list((self.storage_dir / name).glob("*.dcm"))),
                             self.storage_dir / name)
                 return
+            target.parent.mkdir(parents=True, exist_ok=True)
             (self.storage_dir / name).rename(target)  # later images start a new receiving folder
         received = len(list(target.glob("*.dcm")))
         earlier, previous = 0, self._submitted.pop(name, None)
@@ -298,7 +307,7 @@ class StudyReceiver:
         log.info("study %s complete: %d images from %s%s; handing off %s", name, received + earlier,
                  ", ".join(sorted(study.senders)), note, target)
         try:
-            self.on_study(name, target)
+            self.on_study(study.study_uid, target)
         except Exception as exc:  # noqa: BLE001 - keep the files: the next push of the study retries
             log.error("study %s: hand-off failed, %d images kept in %s for the next push: %s", name,
                       received + earlier, target, exc)
