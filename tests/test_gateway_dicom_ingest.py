@@ -4,6 +4,7 @@ real local stack; `cmrvl receive` logs per study, not per file."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -133,3 +134,24 @@ def test_cmrvl_receive_submits_a_real_study_and_logs_per_study_not_per_file(stac
     # Its run is not this test's subject (tests/integration/test_pacs_round_trip.py follows one to the
     # report): stop it, so that it does not load the shared stack.
     gateway.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study_id), metadata=gateway.metadata)
+
+
+def test_cmrvl_receive_refuses_bad_options_in_one_line(tmp_path):
+    from orthanc_server import free_port
+
+    def receive(*args):
+        return subprocess.run([sys.executable, "-m", "services", "receive", "--target", "127.0.0.1:9",
+                               "--incoming", str(tmp_path / "incoming"), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    long_title = receive("--ae-title", "A_TITLE_LONGER_THAN_16", "--port", str(free_port()))
+    assert long_title.returncode == 1
+    assert long_title.stderr.strip().splitlines()[-1].startswith("cmrvl receive: error: Invalid 'ae_title'")
+    negative = receive("--quiet-s", "-3")
+    assert negative.returncode == 2 and "expected seconds >= 0" in negative.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = receive("--port", str(busy.getsockname()[1]))
+    assert taken.returncode == 1
+    assert taken.stderr.strip().splitlines()[-1].startswith("cmrvl receive: error: cannot listen on 127.0.0.1:")

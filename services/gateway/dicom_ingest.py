@@ -91,6 +91,18 @@ def quiet_dicom_libraries() -> None:
     logging.getLogger("pynetdicom.utils").addFilter(lambda record: not record.getMessage().startswith("Non-conformant"))
 
 
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     receive = subparsers.add_parser("receive", help="DICOM C-STORE receiver that submits pushed studies to a gateway")
     receive.add_argument("--target", required=True, help="gateway HOST:PORT")
@@ -101,24 +113,31 @@ def register(subparsers) -> None:
     receive.add_argument("--host", default="127.0.0.1")
     receive.add_argument("--port", type=int, default=11112)
     receive.add_argument("--incoming", type=Path, default=Path("incoming"), help="where received files wait")
-    receive.add_argument("--quiet-s", type=float, default=30.0,
+    receive.add_argument("--quiet-s", type=_seconds, default=30.0,
                          help="a study is complete after this many seconds without a new image (default 30)")
-    receive.add_argument("--keep-s", type=float, default=3600.0,
+    receive.add_argument("--keep-s", type=_seconds, default=3600.0,
                          help="how long a submitted study's files are kept so that late images re-run with them "
                               "(default 3600)")
     receive.set_defaults(handler=_receive)
 
 
 def _receive(args) -> int:
+    from services.cli import CommandError
     from services.preprocess.cstore import StudyReceiver
     from services.runtime.server import configure_logging
 
     configure_logging("INFO")
     quiet_dicom_libraries()
-    receiver = StudyReceiver(args.incoming, make_submitter(args.target, args.token), ae_title=args.ae_title,
-                             host=args.host, port=args.port, quiet_s=args.quiet_s, keep_s=args.keep_s,
-                             allowed_calling_aets=args.allow_calling_aet)
-    port = receiver.start()
+    try:
+        receiver = StudyReceiver(args.incoming, make_submitter(args.target, args.token), ae_title=args.ae_title,
+                                 host=args.host, port=args.port, quiet_s=args.quiet_s, keep_s=args.keep_s,
+                                 allowed_calling_aets=args.allow_calling_aet)
+    except ValueError as exc:  # pynetdicom's AE title checks
+        raise CommandError(str(exc)) from None
+    try:
+        port = receiver.start()
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port} or use {args.incoming}: {exc}") from None
     log.info("receiving DICOM as %s on %s:%d for gateway %s", args.ae_title, args.host, port, args.target)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=receiver.stop).start())
     try:
