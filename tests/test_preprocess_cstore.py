@@ -227,6 +227,20 @@ def test_aborted_push_is_not_submitted(tmp_path):
         handoffs.assert_no_more()
 
 
+def test_a_sender_that_stays_idle_is_released_by_the_network_timeout_and_its_study_handed_off(tmp_path):
+    spec = factory.write_cine_study(tmp_path / "source", n_slices=3, n_phases=5, rows=8, cols=8)
+    handoffs = HandOffs()
+    with StudyReceiver(tmp_path / "incoming", handoffs, port=0, quiet_s=QUIET_S) as receiver:
+        receiver.ae.network_timeout = 1.0
+        scu = AE(ae_title="IDLE")
+        scu.add_requested_context(str(pydicom.dcmread(spec.files[0]).SOPClassUID))
+        assoc = scu.associate("127.0.0.1", receiver.port, ae_title="CMRVL")
+        assert all(assoc.send_c_store(pydicom.dcmread(f)).Status == 0 for f in spec.files)
+        _, _, names, _ = handoffs.get(timeout=20)  # the association is never released by the sender
+        assert names == _sop_names(spec.files)
+        assoc.abort()
+
+
 def test_images_received_before_a_restart_are_handed_off_by_the_next_start(tmp_path):
     spec = factory.write_cine_study(tmp_path / "source", n_slices=3, n_phases=5, rows=8, cols=8)
     handoffs = HandOffs()

@@ -139,8 +139,9 @@ class StudyReceiver:
         (self.storage_dir / PARTIAL).mkdir(exist_ok=True)
         if self.on_study is not None:
             self._resume()
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_RELEASED, self._handle_release),
-                    (evt.EVT_ABORTED, self._handle_abort), (evt.EVT_REJECTED, self._handle_rejected)]
+        handlers = [(evt.EVT_ESTABLISHED, _release_when_idle), (evt.EVT_C_STORE, self._handle_store),
+                    (evt.EVT_RELEASED, self._handle_release), (evt.EVT_ABORTED, self._handle_abort),
+                    (evt.EVT_REJECTED, self._handle_rejected)]
         self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
         if self.on_study is not None:
@@ -340,6 +341,12 @@ class StudyReceiver:
                     folder.parent.rmdir()
                 except OSError:  # another submission of the study is there
                     pass
+
+
+def _release_when_idle(event) -> None:
+    """A sender idle past the network timeout is released, not aborted: its study is complete as
+    far as it is concerned (every image it sent was acknowledged), and an abort would hold it back."""
+    event.assoc.network_timeout_response = "A-RELEASE"
 
 
 def _address(assoc) -> str:
