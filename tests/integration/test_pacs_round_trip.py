@@ -91,6 +91,8 @@ def test_orthanc_to_cmrvl_receive_to_the_stack_and_the_sr_and_seg_back_into_orth
                               cwd=REPO, capture_output=True, text=True, timeout=900)
     assert analyzed.returncode == 0, analyzed.stderr[-3000:]
     expected = json.loads((tmp_path / "out" / "report.json").read_text())["measurements"]
+    print(f"PACS loop: {manifest['series'][0]['n_files']} images, LV EF {report['measurements']['lv_ef_pct']} %; "
+          f"cmrvl analyze: LV EF {expected['lv_ef_pct']} %; back in Orthanc: {back}")
     assert report["measurements"]["lv_ef_pct"] == expected["lv_ef_pct"]
     assert report["measurements"]["lv_edv_ml"] == expected["lv_edv_ml"]
 
