@@ -187,16 +187,22 @@ def test_a_late_image_re_runs_the_study_with_the_images_handed_off_before(tmp_pa
         handoffs.assert_no_more()
 
 
-def test_submitted_files_are_deleted_after_keep_s(tmp_path):
+def test_submitted_files_are_deleted_after_keep_s_and_a_later_image_is_reported(tmp_path, caplog):
     spec = factory.write_cine_study(tmp_path / "source", n_slices=3, n_phases=5, rows=8, cols=8)
     handoffs = HandOffs()
+    caplog.set_level(logging.INFO, logger="services.preprocess.cstore")
     with StudyReceiver(tmp_path / "incoming", handoffs, port=0, quiet_s=QUIET_S, keep_s=0.5) as receiver:
-        _push(receiver.port, spec.files)
+        _push(receiver.port, spec.files[:-1])
         _, folder, _, _ = handoffs.get()
         deadline = time.monotonic() + 10
         while folder.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert not folder.exists() and not list((tmp_path / "incoming").rglob("*.dcm"))
+        assert not folder.exists() and not list((tmp_path / "incoming").rglob("*.dcm"))
+        _push(receiver.port, spec.files[-1:])  # later than keep_s: handed off alone, and said so
+        _, _, names, _ = handoffs.get()
+    assert names == _sop_names(spec.files[-1:])
+    late = [r for r in caplog.records if "after keep_s" in r.getMessage()]
+    assert len(late) == 1 and late[0].levelno == logging.WARNING
 
 
 def test_a_failed_hand_off_keeps_the_files_and_the_next_push_retries_with_them(tmp_path):

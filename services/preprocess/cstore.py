@@ -20,8 +20,8 @@ the lock every write takes: each image is either in that hand-off or waits for t
 nothing another association is writing is ever removed. After the callback the receiver keeps
 the submission folder: if more images of the study arrive (late images, a re-push), the next
 hand-off holds the earlier images too, so the study is re-run whole. A folder whose hand-off
-succeeded is deleted after `keep_s`; one whose callback raised stays until the next push of the
-study retries with it. A study whose last association aborted is not handed off (it may be
+succeeded is deleted after `keep_s` (images of the study arriving later still go, on their own,
+with a warning); one whose callback raised stays until the next push of the study retries with it. A study whose last association aborted is not handed off (it may be
 incomplete); its files wait for a complete push. Images left by an earlier run of the receiver
 are handed off after the quiet period.
 
@@ -128,6 +128,7 @@ class StudyReceiver:
         self._assoc_studies: dict[int, set[str]] = {}  # open association -> the studies it carried
         self._ignored: dict[str, tuple[dict[str, int], float]] = {}  # study -> ({SOP class: count}, last)
         self._submitted: dict[str, tuple[Path, float | None]] = {}  # last hand-off: folder, time if it succeeded
+        self._released: dict[str, float] = {}  # studies whose submitted files were deleted after keep_s: when
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._done = threading.Event()
@@ -301,12 +302,16 @@ class StudyReceiver:
                     earlier += 1
             shutil.rmtree(previous[0], ignore_errors=True)
             previous[0].with_suffix(".done").unlink(missing_ok=True)
-        note = ""
+        note, level = "", logging.INFO
         if previous is not None:
             outcome = "handed off" if previous[1] is not None else "whose hand-off had failed"
             note = f" ({received} new, {earlier} from its earlier submission {outcome}: a re-run)"
-        log.info("study %s complete: %d images from %s%s; handing off %s", name, received + earlier,
-                 ", ".join(sorted(study.senders)), note, target)
+        elif name in self._released:  # late beyond keep_s: the earlier images are gone from here
+            note = (f" (its earlier submission's files were deleted {time.time() - self._released.pop(name):.0f} s "
+                    f"ago, after keep_s: these images go on their own)")
+            level = logging.WARNING
+        log.log(level, "study %s complete: %d images from %s%s; handing off %s", name, received + earlier,
+                ", ".join(sorted(study.senders)), note, target)
         try:
             self.on_study(study.study_uid, target)
         except Exception as exc:  # noqa: BLE001 - keep the files: the next push of the study retries
@@ -335,6 +340,7 @@ class StudyReceiver:
         for name, (folder, handed_off_at) in list(self._submitted.items()):
             if handed_off_at is not None and now - handed_off_at >= self.keep_s:
                 del self._submitted[name]
+                self._released[name] = now
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.with_suffix(".done").unlink(missing_ok=True)
                 try:
