@@ -168,6 +168,41 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
     return report
 
 
+def choose_postprocessing(version_dir: str | Path, staged_dataset: str | Path, cases: list[str],
+                          use_mirroring: bool = False) -> dict:
+    """nnU-Net-style choice on validation cases: for each class, keep only its largest 3D connected
+    component if that raises the class's mean Dice (nnU-Net's determine_postprocessing keeps it when
+    it does not hurt; here it must help, so that a tie keeps the labels as predicted)."""
+    import nibabel as nib
+
+    from services.segmentation.inference import load_segmenter, postprocess
+
+    version_dir, staged_dataset = Path(version_dir), Path(staged_dataset)
+    dataset = json.loads((staged_dataset / "dataset.json").read_text())
+    ending = dataset.get("file_ending", ".nii.gz")
+    segmenter = load_segmenter(version_dir.parent, backend="onnxruntime", version=int(version_dir.name),
+                               use_mirroring=use_mirroring)
+    segmenter.largest_component = ()  # raw predictions; the variants are applied below
+    raw = {}
+    try:
+        for case in cases:
+            image = nib.load(str(staged_dataset / "imagesTr" / f"{case}_0000{ending}"))
+            ref = np.asanyarray(nib.load(str(staged_dataset / "labelsTr" / f"{case}{ending}")).dataobj)
+            raw[case] = (segmenter.segment_volume(np.asanyarray(image.dataobj).astype(np.float32), image.affine), ref)
+    finally:
+        segmenter.close()
+    result = {"cases": len(cases), "use_mirroring": use_mirroring, "mean_dice": {}, "largest_component": []}
+    for value, name in CLASS_NAMES.items():
+        before = [dice(p == value, r == value) for p, r in raw.values()]
+        after = [dice(postprocess(p, (value,)) == value, r == value) for p, r in raw.values()]
+        before = float(np.mean([d for d in before if d is not None]))
+        after = float(np.mean([d for d in after if d is not None]))
+        result["mean_dice"][name] = {"as_predicted": before, "largest_component": after}
+        if after > before:
+            result["largest_component"].append(value)
+    return result
+
+
 def held_out_cases(staged_dataset: str | Path) -> list[str]:
     """The cases of the held-out patients recorded in the dataset's dataset.json (convert.py)."""
     staged_dataset = Path(staged_dataset)

@@ -74,13 +74,14 @@ REDUCED_ITERATIONS = 20
 # inference), so base 8 with a batch of 4 slices (more optimizer steps in the time there is).
 # Stock nnU-Net augmentation (rotation, scaling, noise, blur, brightness, contrast, simulated low
 # resolution, gamma, mirroring) for scanners it has not seen. A checkpoint every epoch: a lost
-# process loses at most one. The schedule (poly LR over CPU_EPOCHS) fits about 45 minutes on
-# those cores; continue it with a larger --epochs (nnU-Net resumes from the last checkpoint).
+# process loses at most one. An epoch (50 iterations) took 30 s on idle cores and 320-735 s while
+# other jobs ran; continue a finished schedule with a larger --epochs (nnU-Net resumes from the
+# last checkpoint; the poly LR then restarts from where the longer schedule would be).
 CPU_BASE_FEATURES = 8
 CPU_MAX_FEATURES = 256
 CPU_PATCH = 224
 CPU_BATCH = 4
-CPU_EPOCHS = 12
+CPU_EPOCHS = 40
 CPU_ITERATIONS = 50
 
 
