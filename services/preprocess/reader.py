@@ -46,9 +46,9 @@ pydicom = _import_pydicom_lean()
 from pydicom.errors import InvalidDicomError  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 
-from services.preprocess import jpeg_lossless  # noqa: E402
+from services.preprocess import jpeg_decoders  # noqa: E402
 
-jpeg_lossless.register()  # libjpeg-turbo first for JPEG Lossless: several times faster
+jpeg_decoders.register()  # libjpeg-turbo first for JPEG: several times faster, 12-bit too
 
 # Uncompressed little-endian pixel data is viewed directly; everything else goes through pydicom.
 _NATIVE_DTYPES = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2",
@@ -382,10 +382,14 @@ def _decoder(ts):
         raise _Refused(f"pixel data unusable: no decoder exists in pydicom for "
                        f"{_syntax(ts)}") from None
     if not decoder.is_available:
+        what = f"pixel data unusable: no decoder installed for {_syntax(ts)}"
+        # cmrvl's own decoder packages: pydicom's list also names GPL-3.0 pylibjpeg-libjpeg.
+        if ts in jpeg_decoders.INSTALLED_DECODERS:
+            needs = " and ".join(jpeg_decoders.INSTALLED_DECODERS[ts])
+            raise _Refused(f"{what}: install {needs} (a cmrvl dependency)")
         plugins = "; ".join(m.replace(" - requires ", " needs ")
                             for m in decoder.missing_dependencies) or "none known"
-        raise _Refused(f"pixel data unusable: no decoder installed for {_syntax(ts)} "
-                       f"(plugins: {plugins})")
+        raise _Refused(f"{what} (plugins: {plugins})")
     return decoder
 
 
