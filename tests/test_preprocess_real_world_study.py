@@ -10,6 +10,7 @@ problem in the manifest's issues."""
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -134,6 +135,94 @@ def test_missing_images_leave_their_cells_empty_and_shift_nothing(sunny, clean_a
     assert_cells(tmp_path / "out", entry, sunny, written, clean_affine,
                  empty={(2, 12), (5, 0), (9, 19)})
     assert not issues_of(entry, "unplaced_image")
+
+
+def _random_gaps(seed: int = 14) -> set[tuple[int, int]]:
+    """Half the images of 8 slices, at random (fixed seed); 4 slices stay complete."""
+    rnd = random.Random(seed)
+    return {(k, t) for k in rnd.sample(range(12), 8) for t in range(20) if rnd.random() < 0.5}
+
+
+# Deletion patterns on the real study (slice, phase): its slices' RR differs by up to 9 %
+# (slice 10: 36.6 ms steps, slice 0: 40 ms), so a slice's own cycle must place its images.
+GAP_PATTERNS = {
+    # The issue's study: the odd phases of slices 6-11. Slice 10's median gap is a double step.
+    "every_other_phase_on_slices_6_to_11": {(k, t) for k in range(6, 12) for t in range(1, 20, 2)},
+    "phases_3_to_5_on_4_slices": {(k, t) for k in (0, 6, 10, 11) for t in (3, 4, 5)},
+    # Gaps of one and two steps in turn: the median gap is 1.5 steps, no step at all.
+    "every_third_phase_on_4_slices": {(k, t) for k in (0, 6, 10, 11) for t in range(1, 20, 3)},
+    "random_half_of_8_slices": _random_gaps(),
+}
+
+
+@pytest.mark.parametrize("pattern", GAP_PATTERNS)
+def test_gaps_in_slices_with_their_own_heart_rate_shift_nothing(sunny, clean_affine, tmp_path,
+                                                               pattern):
+    """Every image left sits at its true phase (its TriggerTime rank in the untouched study),
+    every deleted one's cell is null with a missing_phase issue, none is left out."""
+    gone = GAP_PATTERNS[pattern]
+    written = write_copy(sunny, tmp_path / "dicom", skip={sunny.name_at[c] for c in gone})
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    entry = cine_of(manifest)
+    assert_cells(tmp_path / "out", entry, sunny, written, clean_affine, empty=gone)
+    assert not issues_of(entry, "unplaced_image")
+
+
+def test_image_that_fits_more_than_one_phase_is_left_out(sunny, clean_affine, tmp_path):
+    """A slice with one image late in its cycle (phase 15 of slice 10) does not say how long
+    its cycle is: at the series' median step it would sit at phase 14. It is left out, named."""
+    lone = sunny.name_at[(10, 15)]
+    gone = {(10, t) for t in range(20) if t != 15}
+    written = write_copy(sunny, tmp_path / "dicom", skip={sunny.name_at[c] for c in gone})
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    entry = cine_of(manifest)
+    assert_cells(tmp_path / "out", entry, sunny, written, clean_affine, empty=gone | {(10, 15)})
+    (issue,) = issues_of(entry, "unplaced_image")
+    assert issue["excluded"] == [lone] and issue["slice"] == 10
+    assert "more than one phase" in issue["detail"]
+
+
+def test_slice_whose_cycle_fits_no_plausible_heart_rate_is_left_out(sunny, clean_affine,
+                                                                    tmp_path):
+    """Slice 10 with every other phase and its trigger times at 0.7x (a cycle 30 % shorter than
+    the series' median, outside the range a breath-hold's RR may differ by): no step of the
+    range fits its images, so none is placed rather than each at a wrong phase."""
+    gone = {(10, t) for t in range(1, 20, 2)}
+    kept = sorted(sunny.name_at[(10, t)] for t in range(0, 20, 2))
+
+    def edit(n, ds):
+        if n in kept:
+            ds.TriggerTime = ds.NominalCardiacTriggerDelayTime = 0.7 * float(ds.TriggerTime)
+
+    written = write_copy(sunny, tmp_path / "dicom", edit=edit,
+                         skip={sunny.name_at[c] for c in gone})
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    entry = cine_of(manifest)
+    assert_cells(tmp_path / "out", entry, sunny, written, clean_affine,
+                 empty={(10, t) for t in range(20)})
+    (issue,) = issues_of(entry, "unplaced_image")
+    assert issue["excluded"] == kept and "no free phase" in issue["detail"]
+
+
+@pytest.mark.parametrize("tilt, flagged", [(5e-5, False), (5e-4, True)])
+def test_orientation_drift_beyond_rounding_is_reported(sunny, clean_affine, tmp_path, tilt,
+                                                       flagged):
+    """Direction cosines of slice 3 off by rounding (5e-5) are one orientation; off by 5e-4
+    (0.03 deg, still one stack) the manifest says the orientation varies: the same limit,
+    geometry.IOP_TOLERANCE, as the DICOM SR/SEG writers use."""
+    def edit(n, ds):
+        if sunny.cell[n][0] == 3:
+            iop = [float(v) for v in ds.ImageOrientationPatient]
+            iop[0] += tilt
+            ds.ImageOrientationPatient = iop
+
+    written = write_copy(sunny, tmp_path / "dicom", edit=edit)
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    entry = cine_of(manifest)
+    assert_cells(tmp_path / "out", entry, sunny, written, clean_affine)
+    varies = [i for i in issues_of(entry, "inconsistent_geometry")
+              if "orientation varies" in i["detail"]]
+    assert bool(varies) == flagged
 
 
 def test_image_whose_trigger_time_fits_no_phase_is_left_out(sunny, clean_affine, tmp_path):

@@ -16,8 +16,17 @@ from services.preprocess import geometry
 from services.preprocess.reader import Frame
 
 POSITION_TOL_MM = 0.05  # frames closer than this along the normal share a slice
-ORIENTATION_TOL = 0.01  # direction cosines closer than this (~0.6 deg) form one stack
+# Direction cosines closer than this (~0.6 deg) form one stack: which images may share a volume.
+# Not geometry.IOP_TOLERANCE (rounding of one orientation), which flags drift within the stack.
+ORIENTATION_TOL = 0.01
 SPACING_TOL_MM = 1e-3
+# Phases of a slice with gaps: an image sits at a phase when its position in the slice's cycle
+# (trigger time / the slice's step) is within PHASE_TOL steps of the phase's (scanners write
+# trigger times to a fraction of a millisecond, a phase step is tens of ms); the slice's step
+# (RR / phases, one breath-hold each) is within STEP_RANGE of the series' median step.
+PHASE_TOL = 0.15
+STEP_RANGE = 0.25
+MAX_UNFIT = 0.25  # the share of a slice's images its step may leave out (odd or extra images)
 
 
 @dataclass
@@ -158,38 +167,69 @@ def _sort_key(has_trigger: bool):
     return lambda f: (f.temporal_index or 0, f.instance_number or 0, f.frame_number or 0)
 
 
-def _cycle_step(times: list[float], fallback: float | None) -> float | None:
-    """A slice's trigger-time step: its median gap, unless gaps make that a multiple of the
-    series' step (fallback). Slices of one series often differ in RR (one breath-hold each)."""
-    own = float(median(np.diff(times))) if len(times) > 1 else None
-    if fallback is None or (own and abs(own / fallback - 1) < 0.25):
-        return own
-    return fallback
+def _cycle_step(times: list[float]) -> float | None:
+    """A complete slice's trigger-time step: its median gap. Slices of one series often differ
+    in RR (one breath-hold each), so each has its own."""
+    return float(median(np.diff(times))) if len(times) > 1 else None
 
 
 def _cycle_units(frames: list[Frame], step: float) -> np.ndarray:
     return np.array([f.trigger_time_ms for f in frames]) / step
 
 
-def _place_by_time(frames: list[Frame], units: np.ndarray, ref_units: np.ndarray
-                   ) -> tuple[list[Frame | None], list[Frame]]:
-    """Match a slice's frames to the series' phases (one each) by their position in the cycle
-    (trigger time / the slice's own step), globally: a gap does not push later images one phase
-    on. Returns the row and the frames no free phase is near (more than half a step away)."""
+def _candidate_steps(times: np.ndarray, ref_units: np.ndarray, series_step: float) -> np.ndarray:
+    """The steps a slice with gaps may have: the series' step, and each step that puts one of
+    its images exactly on one of the series' phases, within STEP_RANGE of the series' step.
+    (Its own median gap is no estimate: with every other phase gone it is a double step.)"""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps = times[:, None] / ref_units[None, :]
+    steps = steps[np.isfinite(steps) & (np.abs(steps / series_step - 1) <= STEP_RANGE)]
+    return np.unique(np.append(steps, series_step))
+
+
+def _match(units: np.ndarray, ref_units: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each image's phase (-1: none within PHASE_TOL is free), one image per phase, matched
+    globally (linear_sum_assignment): a gap does not push later images one phase on. A far
+    match costs as much as leaving the image out, so the assignment never shifts a run of
+    images by a phase each to make room for one odd image. Returns (phases, cost)."""
     from scipy.optimize import linear_sum_assignment  # only slices that do not fit get here
 
     dist = np.abs(units[:, None] - ref_units[None, :])
-    # A far match costs as much as leaving the image out, so the assignment never shifts a run
-    # of images by a phase each to make room for one odd image.
-    cost = np.where(dist <= 0.5, dist, 1.0)
+    cost = np.where(dist <= PHASE_TOL, dist, 1.0)
+    rows, cols = linear_sum_assignment(cost)
+    phases = np.full(len(units), -1)
+    fits = dist[rows, cols] <= PHASE_TOL
+    phases[rows[fits]] = cols[fits]
+    return phases, float(cost[rows, cols].sum())
+
+
+def _place_by_time(frames: list[Frame], ref_units: np.ndarray, series_step: float
+                   ) -> tuple[list[Frame | None], list[Frame], list[Frame], float]:
+    """Match a slice's frames to the series' phases by their position in the slice's own cycle
+    (trigger time / its step), trying each step the slice may have (_candidate_steps) and
+    keeping the one that fits best. An image is placed only where every step that fits as
+    many images puts it: when the images left do not pin the slice's step down (one image late
+    in the cycle, say), it could be at more than one phase and stays out.
+    Returns (row, frames that fit no phase, frames of uncertain phase, the step used)."""
+    times = np.array([f.trigger_time_ms for f in frames])
+    tried = [(_match(times / step, ref_units), step)
+             for step in _candidate_steps(times, ref_units, series_step)]
+    (best, _), step = min(tried, key=lambda t: t[0][1])
+    n_out = int((best < 0).sum())
+    if n_out > len(frames) * MAX_UNFIT:
+        # Not the slice's cycle (its RR is outside STEP_RANGE, or its times are garbage): what
+        # this step fits, it fits by chance.
+        return [None] * len(ref_units), list(frames), [], float(step)
+    sure = best >= 0
+    for phases, _ in (t[0] for t in tried):
+        if (phases < 0).sum() <= n_out:
+            sure &= phases == best
     row: list[Frame | None] = [None] * len(ref_units)
-    unplaced = []
-    for i, p in zip(*linear_sum_assignment(cost)):
-        if dist[i, p] <= 0.5:
-            row[p] = frames[i]
-        else:
-            unplaced.append(frames[i])
-    return row, unplaced
+    for i in np.flatnonzero(sure):
+        row[best[i]] = frames[i]
+    unfit = [f for f, p in zip(frames, best) if p < 0]
+    uncertain = [f for f, p, ok in zip(frames, best, sure) if p >= 0 and not ok]
+    return row, unfit, uncertain, float(step)
 
 
 def _place_untimed(row: list[Frame | None], timed: list[Frame], untimed: list[Frame]
@@ -231,6 +271,22 @@ def _place_untimed(row: list[Frame | None], timed: list[Frame], untimed: list[Fr
     return placed, left
 
 
+def _report_unplaced(issues: list[dict], slice_index: int, unfit: list[Frame],
+                     uncertain: list[Frame]) -> None:
+    why = []
+    if unfit:
+        why.append(f"{len(unfit)} have trigger times no free phase of the series is near (at "
+                   f"any cycle length within {STEP_RANGE:.0%} of the series')")
+    if uncertain:
+        why.append(f"{len(uncertain)} could be at more than one phase (the slice's other images "
+                   "do not pin its cycle length down)")
+    if why:
+        issues.append({"type": "unplaced_image", "slice": slice_index,
+                       "detail": f"{len(unfit) + len(uncertain)} image(s) of slice {slice_index} "
+                                 f"left out of the volume: {'; '.join(why)}",
+                       "excluded": sorted(f.file for f in unfit + uncertain)})
+
+
 def _assign_phases(by_slice: list[list[Frame]], issues: list[dict], grid_slices: list[int | None],
                    has_trigger: bool) -> tuple[list[list[Frame | None]], list[float]]:
     """Order each slice's frames by TriggerTime and align them to a common phase axis.
@@ -263,26 +319,24 @@ def _assign_phases(by_slice: list[list[Frame]], issues: list[dict], grid_slices:
     if has_trigger:
         ref = median([[f.trigger_time_ms for f in fs] for fs in full])
         # The phase axis in steps of each full slice's own cycle (slices differ in RR).
-        steps = [_cycle_step([f.trigger_time_ms for f in fs], None) or 1.0 for fs in full]
+        steps = [_cycle_step([f.trigger_time_ms for f in fs]) or 1.0 for fs in full]
         series_step = float(median(steps))
         ref_units = median([_cycle_units(fs, st) for fs, st in zip(full, steps)])
     else:
         ref = np.zeros(n_phases)
     cells: list[list[Frame | None]] = []
+    expected_ms = []  # per slice, where in its own cycle each phase is
     for s, (timed, untimed) in enumerate(zip(timed_by_slice, untimed_by_slice)):
         row: list[Frame | None] = list(timed) + [None] * (n_phases - len(timed))
-        if has_trigger and timed:
-            step = _cycle_step([f.trigger_time_ms for f in timed], series_step) or series_step
-            units = _cycle_units(timed, step)
+        expected_ms.append(ref)
+        if has_trigger and timed and n_phases > 1:  # one phase: nothing to match
+            step = _cycle_step([f.trigger_time_ms for f in timed]) if len(timed) == n_phases \
+                else None
             # The common case, every phase in order, needs no matching.
-            if len(timed) < n_phases or np.abs(units - ref_units).max() > 0.5:
-                row, unplaced = _place_by_time(timed, units, ref_units)
-                if unplaced:
-                    issues.append({"type": "unplaced_image",
-                                   "detail": f"{len(unplaced)} image(s) of slice {slot[s]} have "
-                                             "trigger times no free phase of the series is "
-                                             "near; left out of the volume",
-                                   "excluded": sorted(f.file for f in unplaced)})
+            if step is None or np.abs(_cycle_units(timed, step) - ref_units).max() > 0.5:
+                row, unfit, uncertain, step = _place_by_time(timed, ref_units, series_step)
+                _report_unplaced(issues, slot[s], unfit, uncertain)
+            expected_ms[-1] = ref_units * step
         if untimed:
             placed, left = _place_untimed(row, timed, untimed)
             for f in placed:
@@ -305,7 +359,8 @@ def _assign_phases(by_slice: list[list[Frame]], issues: list[dict], grid_slices:
             if f is None:
                 issues.append({"type": "missing_phase", "slice": grid_index, "phase": p,
                                "detail": f"slice {grid_index} has no image near trigger time "
-                                         f"{ref[p]:.1f} ms; the volume holds zeros there"})
+                                         f"{expected_ms[source][p]:.1f} ms; the volume holds "
+                                         "zeros there"})
     return cells, [round(float(t), 3) for t in ref]
 
 
@@ -348,8 +403,8 @@ def build_grid(frames: list[Frame]) -> Grid | None:
         predicted = ipp0 + (k - k0) * step_vec
         for f in by_slice[s]:
             worst = max(worst, float(np.linalg.norm(np.asarray(f.ipp) - predicted)))
-    drift = max(max(abs(x - y) for x, y in zip(f.iop, ref.iop)) for f in frames)
-    if drift > 1e-4:
+    drift = geometry.orientation_deviation([f.iop for f in frames], ref.iop)
+    if drift > geometry.IOP_TOLERANCE:  # more than rounding (the SR/SEG writers' limit too)
         issues.append({"type": "inconsistent_geometry",
                        "detail": f"orientation varies by up to {np.degrees(drift):.2f} deg "
                                  "between images; the affine uses the first image's"})

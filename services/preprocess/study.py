@@ -19,16 +19,18 @@ Manifest (manifest.json; the first keys are the command-line contract of issue 3
             sop_instance_uids and frame_numbers ([slice][phase]; null where the cell is empty,
             frame_numbers null for single-frame files), issues [{type, detail, ...}],
             merged_series_instance_uids (only for a cine assembled from one-slice series)}],
-  rejected: [{file, reason}] (relative paths),
+  rejected: [{file, reason}] (relative paths; bytes of a name that are not UTF-8 appear as
+            \\xNN escapes, see reader.display_name),
   study {study_date, study_time, accession_number, patient_id, patient_sex, patient_age, ...},
   issues (study level), primary {kind: series_instance_uid of the series to use},
   conventions (axes and units in words).
 Issue types: missing_slice, missing_phase, inconsistent_geometry, inconsistent_pixel_spacing,
 inconsistent_matrix, irregular_slice_spacing, missing_geometry, duplicate_image,
-ambiguous_order, unplaced_image (a trigger time no phase is near), missing_trigger_time (placed
-by InstanceNumber, or left out), repeated_slice and multiple_frames_of_reference (cines merged
-from one-slice series), invalid_uid, patient_height_unit; study level also other_study (files of
-another StudyInstanceUID, rejected: the study with a short-axis cine is kept).
+ambiguous_order, unplaced_image (a trigger time no phase is near, or one that could be more
+than one phase), missing_trigger_time (placed by InstanceNumber, or left out), repeated_slice
+and multiple_frames_of_reference (cines merged from one-slice series), invalid_uid,
+patient_height_unit; study level also other_study (files of another StudyInstanceUID, rejected:
+the study with a short-axis cine is kept).
 Images that are left out are named in the issue's `excluded`; their cells stay null / zeros.
 LGE and T2 stacks need cardiac evidence: the cine's short axis, or without a cine an ECG trigger
 or BodyPartExamined HEART (brain MPRAGE and T2 stacks are `other`).
@@ -53,8 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from services.preprocess import geometry
-from services.preprocess.reader import (Frame, ReadResult, SeriesInfo, is_valid_uid, quiet_pydicom,
-                                        read_folder)
+from services.preprocess.reader import (Frame, ReadResult, SeriesInfo, is_valid_uid, read_folder,
+                                        rejection_summary)
 from services.preprocess.stack import (POSITION_TOL_MM, Grid, build_grid, median, same_geometry,
                                        volume)
 
@@ -408,9 +410,9 @@ def _failure_reason(folder: Path, read: ReadResult, entries: list[dict]) -> str:
     if read.n_files == 0:
         return f"no files in {folder}"
     if not entries:
-        sample = "; ".join(f"{r.file}: {r.reason}" for r in read.rejected[:2])
+        # Most frequent causes first: 240 undecodable images, not the stray .nii.gz beside them.
         return (f"none of the {read.n_files} file(s) is a usable DICOM image "
-                f"({len(read.rejected)} rejected, e.g. {sample})")
+                f"({len(read.rejected)} rejected: {rejection_summary(read.rejected, 2)})")
     found = "; ".join(
         f"series {e['series_number'] if e['series_number'] is not None else '?'}"
         f"{' ' + repr(e['description']) if e['description'] else ''}: {e['kind']} "
@@ -518,37 +520,27 @@ def _choose_study(frames: list[Frame], series: dict[str, SeriesInfo]
     return uid, entries, {u: n for u, n in counts.items() if u != uid}
 
 
-def _cardiac_evidence(dicom_dir: Path, grid: Grid) -> str | None:
+def _cardiac_evidence(info: SeriesInfo, grid: Grid) -> str | None:
     """Why a series without a cine to compare with is cardiac (ECG triggering or the heart as
     body part), or None. Brain MPRAGE and T2 stacks otherwise look like LGE and T2 stacks."""
-    import pydicom
-
-    frames = grid.frames
-    if any(f.trigger_time_ms is not None for f in frames):
+    if any(f.trigger_time_ms is not None for f in grid.frames):
         return "ECG-triggered (TriggerTime)"
-    with quiet_pydicom():
-        try:
-            ds = pydicom.dcmread(dicom_dir / frames[0].file, stop_before_pixels=True,
-                                 specific_tags=["BodyPartExamined",
-                                                "CardiacSynchronizationTechnique"])
-        except Exception:  # the file was readable a moment ago; no evidence if not any more
-            return None
-    sync = str(ds.get("CardiacSynchronizationTechnique", "") or "").upper()
+    sync = info.cardiac_synchronization_technique.upper()
     if sync and sync != "NONE":
         return f"CardiacSynchronizationTechnique {sync}"
-    if str(ds.get("BodyPartExamined", "") or "").upper() == "HEART":
+    if info.body_part_examined.upper() == "HEART":
         return "BodyPartExamined HEART"
     return None
 
 
-def _refine_without_cine(entries: list[dict], dicom_dir: Path) -> None:
+def _refine_without_cine(entries: list[dict], series: dict[str, SeriesInfo]) -> None:
     """Without a short-axis cine there is no slice normal to check LGE/T2 stacks against: they
     keep their kind only with cardiac evidence in their headers."""
     if any(e["kind"] == "cine_sax" for e in entries):
         return
     for e in entries:
         if e["kind"] in ("lge_sax", "t2_sax"):
-            why = _cardiac_evidence(dicom_dir, e["_grid"])
+            why = _cardiac_evidence(series[e["series_instance_uid"]], e["_grid"])
             if why is None:
                 e["kind"] = "other"
                 e["classification"] += ("; no cardiac evidence (no cine to compare with, no ECG "
@@ -577,7 +569,7 @@ def _preprocess(dicom_dir: Path, out_dir: Path, packer: _FramePacker) -> dict:
     if study_uid and not is_valid_uid(study_uid):
         study_issues.append({"type": "invalid_uid",
                              "detail": "StudyInstanceUID is not a valid DICOM UID; kept as is"})
-    _refine_without_cine(entries, dicom_dir)
+    _refine_without_cine(entries, read.series)
 
     study = {k: v for k, v in header.items() if k not in ("patient_size", "patient_weight")}
     study["study_instance_uid"] = study_uid
