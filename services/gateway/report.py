@@ -1,4 +1,7 @@
-"""The report a RIS receives: JSON (schema `cmrvl.report/v1`), a readable draft, DICOM SR + SEG.
+"""The report a RIS receives: JSON (schema `cmrvl.report/v1`), a readable draft, DICOM SR + SEG,
+and what a reader checks before signing (issue 16): `contours.png` (ED/ES contour mosaic),
+`volumes.png` (volume curves), `report.pdf` (the one-page draft with both) and `pdf.dcm` (that PDF
+as a DICOM Encapsulated PDF in the source study, pushed to the PACS with the SR and SEG).
 
 Report JSON:
     schema          "cmrvl.report/v1"
@@ -13,6 +16,8 @@ Report JSON:
                     (one entry per issue type, every gap named), segmentation quality, skipped stages
     timings_s       seconds per stage
     series          the series preprocessing found (uid, kind, slices, phases)
+    dicom           keys of the DICOM objects in the reports bucket (sr, seg, seg_es, pdf), pushed_to
+    review          keys of report.pdf, contours.png, volumes.png in the reports bucket
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from services.gateway.records import STAGES, now
 from services.runtime.storage import ObjectStore
 
 log = logging.getLogger("cmrvl.report")
+REVIEW_TYPES = {"contours.png": "image/png", "volumes.png": "image/png", "report.pdf": "application/pdf"}
 
 SCHEMA = "cmrvl.report/v1"
 UNITS = {"_ml_m2": "ml/m2", "_g_m2": "g/m2", "_ml": "ml", "_g": "g", "_pct": "%", "_m2": "m2"}
@@ -165,6 +171,17 @@ def _predecessors(history: list[dict], run: str) -> list:
     return [previous]
 
 
+def _video_thumbnails(mp4: bytes, frames_per_slice: int) -> list:
+    """The first frame of each slice of a findings video (slices follow one another)."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(mp4)) as container:
+        return [frame.to_ndarray(format="rgb24") for i, frame in enumerate(container.decode(video=0))
+                if i % frames_per_slice == 0]
+
+
 class ReportBuilder:
     def __init__(self, store: ObjectStore, pacs_target: str = "", pacs_calling_aet: str = "CMRVL"):
         self.store = store
@@ -249,6 +266,85 @@ class ReportBuilder:
         history = [e for e in history if e["run"] != run] + [entry]  # this run's newest SR is its entry
         self.store.put_json(self.store.bucket("reports"), self._sr_history_key(study_instance_uid), {"srs": history})
 
+    def review_outputs(self, record: dict, report: dict) -> dict[str, bytes]:
+        """contours.png and volumes.png (with measurements) and report.pdf, as {file name: bytes}."""
+        import tempfile
+        from pathlib import Path
+
+        import nibabel as nib
+        import numpy as np
+
+        from services.gateway.figures import contour_mosaic, volume_curves
+        from services.gateway.report_pdf import render_pdf
+        from services.segmentation.dicom_seg import cine_entry
+        from services.segmentation.function import present_cells
+
+        stages = record["stages"]
+        measurements = self._json(stages["segmentation"]["outputs"].get("measurements")) or {}
+        labels_ref = stages["segmentation"]["outputs"].get("labels")
+        files = {}
+        if stages["segmentation"]["state"] == "done" and labels_ref and measurements.get("ed_phase") is not None:
+            manifest_ref = stages["preprocess"]["outputs"]["manifest"]
+            manifest = self.store.get_json(manifest_ref["bucket"], manifest_ref["key"])
+            entry = cine_entry(manifest)
+            times = entry.get("trigger_times_ms") or []
+            with tempfile.TemporaryDirectory(prefix="cmrvl-figures-") as tmp:
+                cine_key = f"{manifest_ref['key'].rsplit('/', 1)[0]}/{entry['volume']}"
+                cine = nib.load(self.store.get_file(manifest_ref["bucket"], cine_key, Path(tmp) / "cine.nii.gz"))
+                labels = nib.load(self.store.get_file(labels_ref["bucket"], labels_ref["key"], Path(tmp) / "labels.nii.gz"))
+                cine_data, label_data = np.asarray(cine.dataobj), np.asarray(labels.dataobj).astype(np.uint8)
+            if cine_data.ndim == 3:
+                cine_data, label_data = cine_data[..., None], label_data.reshape(cine_data.shape[:3] + (-1,))
+            present, _flags = present_cells(entry, cine_data.shape[2], cine_data.shape[3])
+            files["contours.png"], _layout = contour_mosaic(
+                cine_data, label_data, np.asarray(entry["affine"]), measurements["ed_phase"], measurements.get("es_phase"),
+                times, present, entry.get("image_orientation_patient"))
+            files["volumes.png"] = volume_curves(measurements, times)
+        files["report.pdf"] = render_pdf(report, files.get("contours.png"), files.get("volumes.png"),
+                                         self._finding_thumbnails(stages["findings"]["outputs"].get("findings")))
+        return files
+
+    def _finding_thumbnails(self, findings_ref: dict | None) -> dict:
+        """{task id: RGB arrays} of the images each findings question was asked on, as the findings
+        stage stored them beside its document (`inputs/<task>/meta.json` lists them); a video
+        gives the first frame of each of its slices. A task without stored inputs has none."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        if not findings_ref:
+            return {}
+        bucket, folder = findings_ref["bucket"], findings_ref["key"].rsplit("/", 1)[0] + "/inputs/"
+        out = {}
+        for key in self.store.list_keys(bucket, folder):
+            if not key.endswith("/meta.json"):
+                continue
+            meta = self.store.get_json(bucket, key)
+            images = []
+            for name in meta.get("files", []):
+                data = self.store.get_bytes(bucket, folder + name)
+                if name.endswith(".mp4"):
+                    images += _video_thumbnails(data, len(meta.get("phases") or []) or 1)
+                else:
+                    images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            out[meta.get("task_id", key.rsplit("/", 2)[-2])] = images
+        return out
+
+    def _pdf_dicom(self, pdf: bytes, dicom: dict[str, bytes], run: str) -> bytes:
+        """report.pdf as an Encapsulated PDF in the source study, referencing this run's SR and SEGs."""
+        import io
+
+        import pydicom
+
+        from services.gateway.dicom_pdf import build_encapsulated_pdf
+
+        made_from = {name: pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for name, data in dicom.items()}
+        dataset = build_encapsulated_pdf(pdf, made_from["sr.dcm"], list(made_from.values()), run=run)
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
     def __call__(self, record: dict) -> dict:
         """The workflow's report stage: write every report object; returns their refs."""
         report = self.build(record)
@@ -261,10 +357,22 @@ class ReportBuilder:
             report["quality"].append({"code": "no_dicom_outputs", "source": "report",
                                       "message": f"DICOM SR/SEG could not be written: {type(exc).__name__}: {exc}"})
             dicom = {}
+        try:  # after SR/SEG (their quality entries are on the page), before the PACS push (pdf.dcm goes too)
+            review = self.review_outputs(record, report)
+            if dicom and "sr.dcm" in dicom:
+                dicom["pdf.dcm"] = self._pdf_dicom(review["report.pdf"], dicom, record["study_id"])
+        except Exception as exc:  # noqa: BLE001 - the numbers still go out, flagged
+            log.exception("study %s: figures/PDF not written", record["study_id"])
+            report["quality"].append({"code": "no_review_outputs", "source": "report",
+                                      "message": f"contours/volume curves/PDF could not be written: {type(exc).__name__}: {exc}"})
+            review = {}
+        for name, data in review.items():
+            outputs[name.replace(".", "_")] = self.store.put_bytes(bucket, prefix + name, data, REVIEW_TYPES[name])
+        report["review"] = {name: prefix + name for name in review}
         for name, data in dicom.items():
             key = name.removesuffix(".dcm")
             outputs[key] = self.store.put_bytes(bucket, prefix + name, data, "application/dicom")
-        report["dicom"] = {key: ref.key for key, ref in outputs.items()}
+        report["dicom"] = {name.removesuffix(".dcm"): prefix + name for name in dicom}
         if dicom and self.pacs_target:
             from services.gateway.pacs import push
 
@@ -273,7 +381,7 @@ class ReportBuilder:
                 report["dicom"]["pushed_to"] = self.pacs_target
             except Exception as exc:  # noqa: BLE001 - the objects stay in the store; say so
                 report["quality"].append({"code": "pacs_push_failed", "source": "report",
-                                          "message": f"SR/SEG not pushed to {self.pacs_target}: {exc}"})
+                                          "message": f"SR/SEG/PDF not pushed to {self.pacs_target}: {exc}"})
         outputs["json"] = self.store.put_json(bucket, prefix + "report.json", report)
         outputs["text"] = self.store.put_bytes(bucket, prefix + "report.txt", render_text(report).encode(), "text/plain")
         return {name: vars(ref) for name, ref in outputs.items()}
