@@ -38,6 +38,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 import dicom_factory as factory
@@ -448,3 +449,65 @@ def test_pydicom_12_bit_jpeg_extended_files_decode_like_dcmtk(tmp_path):
         assert frame.pixels.dtype == np.uint16 and frame.pixels.shape == (1024, 256)
         ours = frame.pixels.astype(np.int32)
         assert np.abs(ours - dcmtk).max() <= 1 and (ours != dcmtk).mean() < 0.01, frame.file
+
+
+def _heart_anatomy(ds: Dataset) -> None:
+    """Enhanced MR's per-frame anatomy (Frame Anatomy functional group), heart, in the shared
+    groups, as scanners that leave the top-level BodyPartExamined empty write it."""
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "80891009", "SCT", "Heart"
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = Sequence([region])
+    anatomy.FrameLaterality = "U"
+    ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = Sequence([anatomy])
+
+
+def test_series_info_has_body_part_and_cardiac_synchronization(tmp_path):
+    """Read once with the series header, classic and enhanced MR; without a cine they are the
+    cardiac evidence that keeps an untriggered LGE stack an LGE stack."""
+    dicom = tmp_path / "dicom"
+    classic = factory.write_brain_stack(dicom, study_uid="1.2.3.11", body_part_examined="CHEST")
+    for path in classic.files:  # prospectively gated, yet no TriggerTime: the evidence is the tag
+        ds = pydicom.dcmread(path)
+        ds.CardiacSynchronizationTechnique = "PROSPECTIVE"
+        ds.save_as(path)
+    enhanced = factory.write_enhanced_ir_stack(dicom / "lge_xa.dcm", study_uid="1.2.3.11")
+    ds = pydicom.dcmread(enhanced.files[0])
+    for item in ds.PerFrameFunctionalGroupsSequence:  # untriggered, no BodyPartExamined
+        del item.CardiacSynchronizationSequence
+    _heart_anatomy(ds)
+    ds.save_as(enhanced.files[0])
+    series = read_folder(dicom).series
+    assert series[classic.series_instance_uid].body_part_examined == "CHEST"
+    assert series[classic.series_instance_uid].cardiac_synchronization_technique == "PROSPECTIVE"
+    assert series[enhanced.series_instance_uid].body_part_examined == "HEART"
+    assert series[enhanced.series_instance_uid].cardiac_synchronization_technique == ""
+    with pytest.raises(NoUsableCine) as info:
+        preprocess_study(dicom, tmp_path / "out")
+    kinds = {s["series_instance_uid"]: s for s in info.value.manifest["series"]}
+    assert kinds[classic.series_instance_uid]["kind"] == "lge_sax"
+    assert kinds[classic.series_instance_uid]["classification"].endswith(
+        "; cardiac: CardiacSynchronizationTechnique PROSPECTIVE")
+    assert kinds[enhanced.series_instance_uid]["kind"] == "lge_sax"
+    assert kinds[enhanced.series_instance_uid]["classification"].endswith(
+        "; cardiac: BodyPartExamined HEART")
+
+
+def test_no_usable_image_names_the_most_frequent_rejection_first(tmp_path):
+    """Undecodable images (a PACS export: 240 of them) beside a stray .nii.gz: the failure
+    names their cause first, not the .nii.gz that comes first by name."""
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), dicom / "00_seg.nii.gz")
+    for i in range(5):
+        _undecodable_file(dicom / f"im{i}.dcm", pydicom.uid.JPEGLosslessSV1)
+    with pytest.raises(NoUsableCine) as info:
+        preprocess_study(dicom, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(
+        "none of the 6 file(s) is a usable DICOM image (6 rejected: 5 x pixel data unusable: "
+        "decoding JPEGLosslessSV1 (1.2.840.10008.1.2.4.70) pixel data failed: "), message
+    assert message.endswith(" (e.g. im0.dcm); 1 x not a DICOM file (no 'DICM' marker after a "
+                            "128-byte preamble and no DICOM tag at the start) (e.g. "
+                            "00_seg.nii.gz))"), message
+    assert "\n" not in message

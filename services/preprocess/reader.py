@@ -98,6 +98,8 @@ class SeriesInfo:
     cardiac_number_of_images: int | None = None
     frame_of_reference_uid: str = ""
     sop_class_uid: str = ""
+    body_part_examined: str = ""  # as stored (e.g. "HEART"); enhanced MR: the frame anatomy
+    cardiac_synchronization_technique: str = ""  # NONE, REALTIME, PROSPECTIVE, RETROSPECTIVE...
 
 
 @dataclass(eq=False)  # frames are compared by identity (they hold pixel arrays)
@@ -442,6 +444,10 @@ def _series_info(ds, uid: str) -> SeriesInfo:
         cardiac_number_of_images=_int(ds.get("CardiacNumberOfImages")),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
         sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+        body_part_examined=str(ds.get("BodyPartExamined", "") or "").strip(),
+        # Top level in enhanced MR too (its Cardiac Synchronization module).
+        cardiac_synchronization_technique=str(
+            ds.get("CardiacSynchronizationTechnique", "") or "").strip(),
     )
     if "SharedFunctionalGroupsSequence" in ds:  # enhanced MR keeps these in functional groups
         groups = _FrameGroups(ds)
@@ -460,6 +466,12 @@ def _series_info(ds, uid: str) -> SeriesInfo:
                 info.scanning_sequence.append("IR")
         if not info.image_type:
             info.image_type = _strings(ds.get("ImageType"))
+        if not info.body_part_examined:
+            # Enhanced MR codes it per frame (FrameAnatomySequence > AnatomicRegionSequence);
+            # the code meaning upper-cased is the BodyPartExamined term ("Heart": HEART).
+            regions = groups.get(0, "FrameAnatomySequence", "AnatomicRegionSequence")
+            if regions:
+                info.body_part_examined = str(regions[0].get("CodeMeaning", "") or "").upper()
     return info
 
 
