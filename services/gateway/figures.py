@@ -39,6 +39,7 @@ CONTOUR_COLOURS = {
 }
 _ED_COLOUR, _ES_COLOUR = "#0072B2", "#CC79A7"
 _LV_COLOUR, _RV_COLOUR = "#D55E00", "#0072B2"
+GAP_COLOUR = "#F3D3D3"  # the band over a phase that is a gap in the curve (light red: not grey like the grid)
 TILE_TARGET_PX = 240  # about this many PNG pixels per tile side
 MARGIN_MM = 15.0
 # Segmentation flags that say something about the curve (drawn on it).
@@ -139,7 +140,7 @@ def contour_masks(labels_2d: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _phase_caption(name: str, phase: int, trigger_times_ms: Sequence[float]) -> str:
-    time = f", {trigger_times_ms[phase]:.0f} ms" if phase < len(trigger_times_ms) else ""
+    time = f"\n{trigger_times_ms[phase]:.0f} ms" if phase < len(trigger_times_ms) else ""
     return f"{name}\nphase {phase}{time}"
 
 
@@ -188,17 +189,20 @@ def contour_mosaic(
 
     crops = {(z, t): _padded(cine[:, :, z, t], box).T.astype(np.float32)
              for _n, t in rows for z in order if present[z, t]}
+    inside = _padded(np.ones(cine.shape[:2], bool), box).T  # the padding is not the image
     window = {"window_low": 0.0, "window_high": 1.0}
     if crops:
         stack = np.stack(list(crops.values()))
-        gray, window = window_uint8(stack, weight_mask=stack != 0)  # padding is not the image
+        gray, window = window_uint8(stack, weight_mask=np.broadcast_to(inside, stack.shape))
+        gray[:, ~inside] = 0
         crops = dict(zip(crops, gray))
 
     tile_h, tile_w = (box[3] - box[2]) * scale[0], (box[1] - box[0]) * scale[1]
     gap = 10
     # Text sized to the tiles, so that it stays readable where the mosaic is shrunk (the PDF).
     font_pt = max(8.0, tile_w * 0.075 * 72 / dpi)
-    left, top, caption_h, bottom = int(font_pt * 7), int(font_pt * 4.6), int(font_pt * 3.4), int(font_pt * 3)
+    em = font_pt * dpi / 72  # pixels per em: every margin holds its text, none reaches a tile
+    left, top, caption_h, bottom = int(em * 5.5), int(em * 3.3), int(em * 2.6), int(em * 2.2)
     fig_w = left + len(order) * (tile_w + gap)
     fig_h = top + len(rows) * (tile_h + caption_h + gap) + bottom
     fig = _figure(fig_w, fig_h, dpi)
@@ -268,12 +272,10 @@ def _phase_list(phases: Sequence[int]) -> str:
     return _ranges(phases)
 
 
-def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[float] = (), dpi: int = 150) -> bytes:
-    """LV/RV volume over the cardiac cycle as PNG bytes (the `measure_labels` document)."""
-    import textwrap
-
-    from matplotlib.figure import Figure
-
+def curve_data(measurements: Mapping[str, Any], trigger_times_ms: Sequence[float] = ()) -> dict[str, Any]:
+    """What `volume_curves` draws: x (ms, or phase numbers without trigger times), the LV/RV
+    curves with NaN where nothing is drawn, the gap phases (null in the curve: a phase without all
+    its images) and the notes written under the plot (the curve's quality flags)."""
     lv = [np.nan if v is None else v for v in measurements.get("lv_volume_curve_ml") or []]
     rv = [np.nan if v is None else v for v in measurements.get("rv_volume_curve_ml") or []]
     n = max(len(lv), len(rv))
@@ -281,8 +283,9 @@ def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[fl
         raise ValueError("the measurements have no volume curves")
     have_times = len(trigger_times_ms) == n
     x = np.asarray(trigger_times_ms if have_times else range(n), dtype=float)
-    flags = [q for q in measurements.get("quality", []) if q.get("code") in CURVE_FLAGS]
-    notes = [f"{q['code']}: {_short(q['message'])}" for q in flags]
+    gaps = [t for t in range(n) if (t < len(lv) and np.isnan(lv[t])) or (t < len(rv) and np.isnan(rv[t]))]
+    notes = [f"{q['code']}: {_short(q['message'])}" for q in measurements.get("quality", [])
+             if q.get("code") in CURVE_FLAGS]
     if not have_times:
         notes.insert(0, "no trigger times in the series: x is the phase number")
     values = {}
@@ -293,6 +296,18 @@ def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[fl
             notes.append(f"{name}: no contour at phase(s) {_phase_list(unlabelled)}: not drawn")
             v[unlabelled] = np.nan
         values[name] = v
+    return {"x": x, "have_times": have_times, "values": values, "gaps": gaps, "notes": notes}
+
+
+def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[float] = (), dpi: int = 150) -> bytes:
+    """LV/RV volume over the cardiac cycle as PNG bytes (the `measure_labels` document)."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    data = curve_data(measurements, trigger_times_ms)
+    x, have_times, values, notes = data["x"], data["have_times"], data["values"], data["notes"]
+    n = len(x)
     wrapped = [textwrap.fill(note, 100, subsequent_indent="   ") for note in notes]
     note_lines = sum(w.count("\n") + 1 for w in wrapped)
     top_in, plot_in, bottom_in, line_in = 0.3, 2.2, 0.45, 0.11
@@ -300,10 +315,9 @@ def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[fl
     fig = Figure(figsize=(5.0, height), dpi=dpi, facecolor="white")
     ax = fig.add_axes((0.12, 1 - (top_in + plot_in) / height, 0.85, plot_in / height))
 
-    incomplete = [t for t in range(n) if (t < len(lv) and np.isnan(lv[t])) or (t < len(rv) and np.isnan(rv[t]))]
     step = float(np.median(np.diff(x))) if n > 1 else 1.0
-    for i, t in enumerate(incomplete):
-        ax.axvspan(x[t] - step / 2, x[t] + step / 2, color="#E0E0E0", zorder=0,
+    for i, t in enumerate(data["gaps"]):
+        ax.axvspan(x[t] - step / 2, x[t] + step / 2, color=GAP_COLOUR, zorder=0,
                    label="phase lacks images: gap" if i == 0 else None)
     for name, colour, prefix in (("LV", _LV_COLOUR, "lv"), ("RV", _RV_COLOUR, "rv")):
         curve = values[name]
@@ -338,5 +352,5 @@ def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[fl
     return buffer.getvalue()
 
 
-__all__ = ["CONTOUR_COLOURS", "CURVE_FLAGS", "base_to_apex", "contour_masks", "contour_mosaic", "direction_letters",
+__all__ = ["CONTOUR_COLOURS", "CURVE_FLAGS", "base_to_apex", "contour_masks", "contour_mosaic", "curve_data", "direction_letters",
            "outline", "slice_positions_mm", "volume_curves"]
