@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     submit.add_argument("--token", default=os.environ.get("CMRVL_TOKEN", ""), help="bearer token (default $CMRVL_TOKEN)")
     submit.add_argument("--request-id", help="client request id (idempotency key); default: new")
     submit.add_argument("--wait", action="store_true", help="watch progress and fetch the report")
-    submit.add_argument("--out", type=Path, help="where --wait writes report.json and report.txt")
+    submit.add_argument("--out", type=Path, help="where --wait writes report.json, report.txt, report.pdf, the "
+                        "figures and the DICOM objects")
     submit.set_defaults(handler=_submit)
 
 
@@ -42,6 +43,15 @@ def _write_report(report, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.report_json)
     (out / "report.txt").write_text(report.report_text)
+
+
+def _review_keys(report_json: str) -> list[str]:
+    """Store keys of report.pdf, contours.png, volumes.png and pdf.dcm (those the report has)."""
+    document = json.loads(report_json)
+    keys = list(document.get("review", {}).values())
+    if "pdf" in document.get("dicom", {}):
+        keys.append(document["dicom"]["pdf"])
+    return keys
 
 
 def _summary(report_json: str) -> str:
@@ -85,6 +95,9 @@ def _submit(args) -> int:
                     if ref.key:
                         name = ref.key.rsplit("/", 1)[1]
                         (args.out / name).write_bytes(client.get_report_object(study.study_id, name))
+                for key in _review_keys(report.report_json):  # the PDF, its figures, the PDF in DICOM
+                    name = key.rsplit("/", 1)[1]
+                    (args.out / name).write_bytes(client.get_report_object(study.study_id, name))
             print(_summary(report.report_json))
     except grpc.RpcError as exc:
         raise CommandError(f"{exc.code().name}: {exc.details()}") from None
@@ -125,6 +138,8 @@ def _analyze(args) -> int:
         for ref in [report.sr, *report.segs]:
             if ref.key:
                 store.get_file(ref.bucket, ref.key, args.out / ref.key.rsplit("/", 1)[1])
+        for key in _review_keys(report.report_json):  # report.pdf, contours.png, volumes.png, pdf.dcm
+            store.get_file(report.json.bucket, key, args.out / key.rsplit("/", 1)[1])
         print(f"{_summary(report.report_json)}; written to {args.out}")
     finally:
         if not args.keep_stack:
