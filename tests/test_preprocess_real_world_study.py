@@ -166,6 +166,23 @@ def test_gaps_in_slices_with_their_own_heart_rate_shift_nothing(sunny, clean_aff
     entry = cine_of(manifest)
     assert_cells(tmp_path / "out", entry, sunny, written, clean_affine, empty=gone)
     assert not issues_of(entry, "unplaced_image")
+    assert not issues_of(entry, "incomplete_phase_axis")
+
+
+def test_no_slice_with_every_phase_still_gives_the_whole_phase_axis(sunny, clean_affine,
+                                                                    tmp_path):
+    """Three phases (not the first or last) gone from every slice, at random (fixed seed): the
+    fullest slices have 17 of 20 images, with gaps in other places. The phase axis is still the
+    20 phases, each image at its true one, and the manifest says how the axis was found."""
+    rnd = random.Random(14)
+    gone = {(k, t) for k in range(12) for t in rnd.sample(range(1, 19), 3)}
+    written = write_copy(sunny, tmp_path / "dicom", skip={sunny.name_at[c] for c in gone})
+    manifest = preprocess_study(tmp_path / "dicom", tmp_path / "out")
+    entry = cine_of(manifest)
+    assert_cells(tmp_path / "out", entry, sunny, written, clean_affine, empty=gone)
+    assert not issues_of(entry, "unplaced_image")
+    (issue,) = issues_of(entry, "incomplete_phase_axis")
+    assert "17 images" in issue["detail"] and "20 whole steps" in issue["detail"]
 
 
 def test_image_that_fits_more_than_one_phase_is_left_out(sunny, clean_affine, tmp_path):

@@ -321,7 +321,20 @@ def _assign_phases(by_slice: list[list[Frame]], issues: list[dict], grid_slices:
         # The phase axis in steps of each full slice's own cycle (slices differ in RR).
         steps = [_cycle_step([f.trigger_time_ms for f in fs]) or 1.0 for fs in full]
         series_step = float(median(steps))
-        ref_units = median([_cycle_units(fs, st) for fs, st in zip(full, steps)])
+        units = [_cycle_units(fs, st) for fs, st in zip(full, steps)]
+        ref_units = median(units)
+        if n_phases > 1 and max(np.diff(u).max() for u in units) > 1.5:
+            # No slice has every phase: the fullest have gaps too, in other places. The axis
+            # is then the whole steps from the earliest of their images to the latest.
+            origin = min(u[0] for u in units)
+            n_axis = max(int(round(u[-1] - origin)) for u in units) + 1
+            issues.append({"type": "incomplete_phase_axis",
+                           "detail": f"no slice has every phase (the fullest have {n_phases} "
+                                     f"images with gaps); the phase axis is {n_axis} whole "
+                                     "steps of their cycles, without any phase that no slice "
+                                     "has before its first or after its last image"})
+            n_phases, ref_units = n_axis, origin + np.arange(n_axis)
+            ref = ref_units * series_step
     else:
         ref = np.zeros(n_phases)
     cells: list[list[Frame | None]] = []

@@ -27,10 +27,10 @@ Manifest (manifest.json; the first keys are the command-line contract of issue 3
 Issue types: missing_slice, missing_phase, inconsistent_geometry, inconsistent_pixel_spacing,
 inconsistent_matrix, irregular_slice_spacing, missing_geometry, duplicate_image,
 ambiguous_order, unplaced_image (a trigger time no phase is near, or one that could be more
-than one phase), missing_trigger_time (placed by InstanceNumber, or left out), repeated_slice
-and multiple_frames_of_reference (cines merged from one-slice series), invalid_uid,
-patient_height_unit; study level also other_study (files of another StudyInstanceUID, rejected:
-the study with a short-axis cine is kept).
+than one phase), incomplete_phase_axis (no slice has every phase), missing_trigger_time (placed
+by InstanceNumber, or left out), repeated_slice and multiple_frames_of_reference (cines merged
+from one-slice series), invalid_uid, patient_height_unit; study level also other_study (files
+of another StudyInstanceUID, rejected: the study with a short-axis cine is kept).
 Images that are left out are named in the issue's `excluded`; their cells stay null / zeros.
 LGE and T2 stacks need cardiac evidence: the cine's short axis, or without a cine an ECG trigger
 or BodyPartExamined HEART (brain MPRAGE and T2 stacks are `other`).
