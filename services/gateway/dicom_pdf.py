@@ -16,6 +16,7 @@ the patient.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 
@@ -42,8 +43,11 @@ def build_encapsulated_pdf(pdf: bytes, study: Dataset, sources: Sequence[Dataset
     study_uid = str(study.StudyInstanceUID)
     ds = Dataset()
     copy_study_attributes(ds, study)
-    if "SpecificCharacterSet" in study:  # the copied names are in the study's character set
-        ds.SpecificCharacterSet = study.SpecificCharacterSet
+    # As the SR has them (from the source): the character set of the copied names, and the
+    # patient/study references a PACS compares across the study's objects.
+    for keyword in ("SpecificCharacterSet", "ReferencedPatientSequence", "ReferencedStudySequence"):
+        if keyword in study:
+            ds[keyword] = copy.deepcopy(study[keyword])
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
     ds.SeriesInstanceUID = derived_uid("pdf-series", run, study_uid)
     ds.SOPInstanceUID = derived_uid("pdf", run, study_uid, hashlib.sha256(pdf).hexdigest())
