@@ -19,7 +19,7 @@ def own_stack(tmp_path):
 
     stack = Stack(tmp_path / "stack")
     stack.up(base_port=free_base_port(),
-             extra_env={"CMRVL_STAGE_ATTEMPTS": "20", "CMRVL_RETRY_BACKOFF_S": "0.5", "CMRVL_STAGE_TIMEOUT_S": "120"})
+             extra_env={"CMRVL_OUTAGE_RETRY_S": "120", "CMRVL_RETRY_BACKOFF_S": "0.5", "CMRVL_STAGE_TIMEOUT_S": "120"})
     yield stack
     stack.down()
 
@@ -51,7 +51,8 @@ def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_
         return {s.stage: s for s in client.get_study(study.study_id).stages}[stage]
 
     _wait_for(lambda: stage_state(common_pb2.STAGE_PREPROCESS).state == "done", what="preprocess done")
-    _wait_for(lambda: stage_state(common_pb2.STAGE_SEGMENTATION).state == "running", what="segmentation retrying")
+    _wait_for(lambda: stage_state(common_pb2.STAGE_SEGMENTATION).state == "waiting", what="segmentation retrying")
+    assert stage_state(common_pb2.STAGE_SEGMENTATION).attempts >= 1  # saved when the attempt started
     client.close()
 
     own_stack.stop_service("gateway", signal.SIGKILL)  # a crash, not a drain
@@ -77,7 +78,7 @@ def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path)
 
     folder = require(SUNNYBROOK_STUDY)
     stack = Stack(tmp_path / "stack")
-    stack.up(base_port=free_base_port(), extra_env={"CMRVL_STAGE_ATTEMPTS": "2", "CMRVL_RETRY_BACKOFF_S": "0.1"})
+    stack.up(base_port=free_base_port(), extra_env={"CMRVL_OUTAGE_RETRY_S": "1", "CMRVL_RETRY_BACKOFF_S": "0.1"})
     try:
         stack.stop_service("preprocess")
         client = _client(stack)
@@ -88,7 +89,8 @@ def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path)
     finally:
         stack.down()
     assert final.status == study_pb2.STUDY_STATUS_FAILED
-    assert final.error.startswith("preprocess failed: UNAVAILABLE")
+    assert final.error.startswith("preprocess failed: UNAVAILABLE: the preprocess service stayed unavailable for 1s")
+    assert "127.0.0.1" not in final.error  # the stage's address stays in the gateway's log
     assert {s.stage: s.attempts for s in final.stages}[common_pb2.STAGE_PREPROCESS] == 1  # one stage run, retried inside
     assert events[-1].status == study_pb2.STUDY_STATUS_FAILED
 
@@ -99,12 +101,13 @@ def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
     client = _client(own_stack)
     study = client.submit_folder(folder, f"cancel-{uuid.uuid4().hex[:6]}")
 
-    def segmentation_running():
+    def segmentation_waiting():
         stages = {s.stage: s for s in client.get_study(study.study_id).stages}
-        return stages[common_pb2.STAGE_SEGMENTATION].state == "running"
+        return stages[common_pb2.STAGE_SEGMENTATION].state == "waiting"
 
-    _wait_for(segmentation_running, what="segmentation retrying")
-    client.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study.study_id), metadata=client.metadata)
+    _wait_for(segmentation_waiting, what="segmentation retrying")
+    answer = client.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study.study_id), metadata=client.metadata)
+    assert answer.status == study_pb2.STUDY_STATUS_CANCELLED  # stopped now, not after the retries
     events = list(client.watch(study.study_id, timeout_s=120))
     final = client.get_study(study.study_id)
     with pytest.raises(Exception) as err:
@@ -124,7 +127,7 @@ def test_findings_server_down_still_delivers_the_measurements_as_a_partial_repor
     stack = Stack(tmp_path / "stack")
     stack.up(base_port=free_base_port(), extra_env={
         "CMRVL_VLM_BASE_URL": "http://127.0.0.1:9/v1", "CMRVL_VLM_MAX_ATTEMPTS": "1",
-        "CMRVL_STAGE_ATTEMPTS": "2", "CMRVL_RETRY_BACKOFF_S": "0.1"})
+        "CMRVL_OUTAGE_RETRY_S": "1", "CMRVL_RETRY_BACKOFF_S": "0.1"})
     try:
         client = _client(stack)
         study = client.submit_folder(folder, "vlm-down")

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
+import grpc
+
 from cmrvl.v1 import study_pb2, study_pb2_grpc
-from services.runtime.clients import open_channel
+from services.runtime.clients import Backoff, open_channel
 
 CHUNK_BYTES = 1024 * 1024
+RECONNECT_S = 300.0  # how long a watch keeps reconnecting to a restarting gateway
+FINAL = frozenset({study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL,
+                   study_pb2.STUDY_STATUS_FAILED, study_pb2.STUDY_STATUS_CANCELLED})
+
+log = logging.getLogger("cmrvl.client")
 
 
 def upload_messages(folder: Path, client_request_id: str, height_m=None, weight_kg=None,
@@ -41,9 +50,41 @@ class StudyClient:
         messages = upload_messages(Path(folder), client_request_id or uuid.uuid4().hex, height_m, weight_kg)
         return self.stub.SubmitStudy(messages, timeout=timeout_s, metadata=self.metadata)
 
-    def watch(self, study_id: str, timeout_s: float = 3600) -> Iterator[study_pb2.StudyEvent]:
-        return self.stub.WatchStudy(study_pb2.WatchStudyRequest(study_id=study_id), timeout=timeout_s,
-                                    metadata=self.metadata)
+    def watch(self, study_id: str, timeout_s: float = 3600, reconnect_s: float = RECONNECT_S,
+              backoff_s: float = 0.5) -> Iterator[study_pb2.StudyEvent]:
+        """Every event of the study once, in order, until its final one. A gateway that goes away
+        (restart, rolling update) is reconnected to with backoff for up to `reconnect_s` without a
+        stream; the watch resumes after the last event received."""
+        deadline = time.monotonic() + timeout_s
+        outage = Backoff(backoff_s, 5.0, reconnect_s)
+        next_sequence, last_status = 0, None
+        while True:
+            stream = self.stub.WatchStudy(study_pb2.WatchStudyRequest(study_id=study_id), metadata=self.metadata,
+                                          timeout=max(0.001, deadline - time.monotonic()))
+            try:
+                for event in stream:
+                    outage.reset()
+                    if event.sequence >= next_sequence:  # the gateway replays the history first
+                        next_sequence = event.sequence + 1
+                        last_status = event.status
+                        yield event
+                if last_status in FINAL:  # (a retried study's history has earlier final events)
+                    return
+                problem = None  # ended before the final event: a gateway shutting down
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                problem = exc
+            finally:
+                stream.cancel()
+            delay = outage.next_delay()
+            if delay is None or time.monotonic() + delay > deadline:
+                if problem is not None:
+                    raise problem
+                raise TimeoutError(f"watch of {study_id}: the gateway ended the stream before the study ended")
+            log.warning("watch of %s: %s; reconnecting in %.1fs", study_id,
+                        f"{problem.code().name} ({problem.details()})" if problem else "stream ended early", delay)
+            time.sleep(delay)
 
     def get_study(self, study_id: str) -> study_pb2.Study:
         return self.stub.GetStudy(study_pb2.GetStudyRequest(study_id=study_id), timeout=30, metadata=self.metadata)

@@ -1,7 +1,8 @@
 """The durable study record: one JSON object a study, `cmrvl-studies/<study_id>/study.json`.
 
-Only the workflow thread that owns a study writes its record; a cancel request is a separate
-marker object (`<study_id>/cancel`) that the workflow reads between stages, so the two never race."""
+Only the workflow thread that owns a study writes its record (or a cancel, for a study no thread
+runs); a cancel request is also a durable marker object (`<study_id>/cancel`) that a restarted
+gateway reads before it resumes the study."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def study_id_for(study_instance_uid: str, client_request_id: str) -> str:
     return uuid.uuid5(_NAMESPACE, f"{study_instance_uid}\n{client_request_id}").hex
 
 
+def _fresh_stages() -> dict:
+    return {name: {"state": "pending", "attempts": 0, "seconds": 0.0, "error": "", "outputs": {}} for name in STAGES}
+
+
 def new_record(study_id: str, study_instance_uid: str, client_request_id: str, dicom_prefix: dict,
                height_m: float | None, weight_kg: float | None) -> dict:
     created = now()
@@ -42,13 +47,24 @@ def new_record(study_id: str, study_instance_uid: str, client_request_id: str, d
         "status": "queued",
         "current_stage": "received",
         "error": "",
-        "stages": {name: {"state": "pending", "attempts": 0, "seconds": 0.0, "error": "", "outputs": {}}
-                   for name in STAGES},
+        "stages": _fresh_stages(),
         "events": [{"sequence": 0, "stage": "received", "status": "queued",
                     "percent": PROGRESS_AFTER["received"], "message": "study received", "time": created}],
         "created_at": created,
         "updated_at": created,
     }
+
+
+def restart_record(record: dict, dicom_prefix: dict, height_m: float | None, weight_kg: float | None) -> dict:
+    """A failed or cancelled study run again on request: every stage anew, its history kept."""
+    previous = record["status"]
+    record.update(status="queued", current_stage="received", error="", dicom_prefix=dicom_prefix,
+                  height_m=height_m, weight_kg=weight_kg, stages=_fresh_stages(), run=record.get("run", 1) + 1)
+    record["events"].append({"sequence": len(record["events"]), "stage": "received", "status": "queued",
+                             "percent": PROGRESS_AFTER["received"],
+                             "message": f"study submitted again after it was {previous} (run {record['run']})",
+                             "time": now()})
+    return record
 
 
 class RecordStore:
@@ -89,6 +105,9 @@ class RecordStore:
 
     def request_cancel(self, study_id: str) -> None:
         self.store.put_bytes(self.bucket, f"{study_id}/cancel", b"cancel requested " + now().encode())
+
+    def clear_cancel(self, study_id: str) -> None:
+        self.store.delete_prefix(self.bucket, f"{study_id}/cancel")
 
     def cancel_requested(self, study_id: str) -> bool:
         return self.store.exists(self.bucket, f"{study_id}/cancel")

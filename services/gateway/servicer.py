@@ -6,15 +6,15 @@ import hashlib
 import io
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
 import grpc
 
 from cmrvl.v1 import common_pb2, study_pb2, study_pb2_grpc
-from services.gateway.records import STAGES, TERMINAL, RecordStore, new_record, study_id_for
+from services.gateway.records import STAGES, TERMINAL, RecordStore, new_record, restart_record, study_id_for
 from services.gateway.workflow import Workflow
+from services.runtime import scratch
 from services.runtime.errors import StageError, grpc_errors, status_for
 from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
@@ -35,6 +35,10 @@ STAGE = {
 WATCH_POLL_S = 0.3
 REPORT_CHUNK_BYTES = 64 * 1024  # well under gRPC's default 4 MiB message limit
 CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt": "text/plain"}
+MAX_NAME_BYTES = 255  # one path component (file systems' NAME_MAX)
+MAX_PATH_BYTES = 900  # the whole relative path: S3 keys are at most 1024 bytes with the study prefix
+CANCEL_WAIT_S = 3.0  # how long CancelStudy waits for the workflow to have stopped the study
+RETRYABLE_ENDS = ("failed", "cancelled")
 
 
 def study_message(record: dict) -> study_pb2.Study:
@@ -63,8 +67,12 @@ def event_message(record: dict, event: dict) -> study_pb2.StudyEvent:
 
 def safe_relative_path(path: str) -> str:
     parts = PurePosixPath(path.replace("\\", "/")).parts
-    if not parts or path.startswith("/") or any(p in ("..", "") for p in parts):
+    if not parts or path.startswith("/") or "\0" in path or any(p in ("..", "") for p in parts):
         raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid file path in upload: {path!r}")
+    if max(len(p.encode()) for p in parts) > MAX_NAME_BYTES or len(path.encode()) > MAX_PATH_BYTES:
+        raise StageError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"file path in upload too long (a name at most {MAX_NAME_BYTES} bytes, the path "
+                         f"{MAX_PATH_BYTES}): {path[:60]!r}...")
     return "/".join(parts)
 
 
@@ -92,23 +100,30 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def __init__(self, settings: Settings, store: ObjectStore, records: RecordStore, workflow: Workflow):
         self.settings, self.store, self.records, self.workflow = settings, store, records, workflow
         self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
+        scratch.process_root()  # at start: removes what killed processes left in the temp folder
 
-    def _existing_or_new(self, study_uid: str, client_request_id: str, upload, height, weight) -> dict:
+    def _existing_or_new(self, study_uid: str, client_request_id: str, upload, height, weight,
+                         retry: bool = False) -> dict:
         study_id = study_id_for(study_uid, client_request_id)
         existing = self.records.get(study_id)
-        if existing is not None:
+        if existing is not None and not (retry and existing["status"] in RETRYABLE_ENDS):
             log.info("submission %s for study %s already exists", client_request_id, study_id)
             return existing
         dicom_prefix = upload(study_id)
-        record = new_record(study_id, study_uid, client_request_id, dicom_prefix, height, weight)
+        if existing is not None:
+            log.info("study %s: run again after it was %s", study_id, existing["status"])
+            self.records.clear_cancel(study_id)
+            record = restart_record(existing, dicom_prefix, height, weight)
+        else:
+            record = new_record(study_id, study_uid, client_request_id, dicom_prefix, height, weight)
         self.records.put(record)  # written last: from now on the study exists
-        self.workflow.enqueue(study_id)
+        self.workflow.enqueue(study_id, fresh=existing is not None)
         return record
 
     @grpc_errors
     def SubmitStudy(self, request_iterator, context):
         header, total = None, 0
-        tmp = Path(tempfile.mkdtemp(prefix="cmrvl-upload-"))
+        tmp = scratch.mkdtemp("cmrvl-upload-")  # removed below; after a kill, by the next start
         try:
             for message in request_iterator:
                 if message.HasField("header"):
@@ -133,6 +148,7 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
 
             def upload(study_id: str) -> dict:
                 bucket, prefix = self.store.bucket("studies"), f"{study_id}/dicom/"
+                self.store.delete_prefix(bucket, prefix)  # a retry's files replace the earlier run's
                 self.store.upload_folder(tmp, bucket, prefix)
                 return {"bucket": bucket, "key": prefix}
 
@@ -140,6 +156,7 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
                 study_uid, header.client_request_id, upload,
                 header.height_m if header.HasField("height_m") else None,
                 header.weight_kg if header.HasField("weight_kg") else None,
+                retry=header.retry,
             )
             return study_message(record)
         finally:
@@ -150,6 +167,12 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
         bucket, prefix = request.dicom_prefix.bucket, request.dicom_prefix.key
         if not bucket or not prefix.endswith("/"):
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "dicom_prefix needs a bucket and a key ending in '/'")
+        # Only where studies are meant to be, not anything the gateway's credentials can read.
+        allowed = self.settings.allowed_reference_prefixes
+        if not any(f"{bucket}/{prefix}".startswith(a if "/" in a else a + "/") for a in allowed):
+            raise StageError(grpc.StatusCode.PERMISSION_DENIED,
+                             f"s3://{bucket}/{prefix} is outside the prefixes studies may be referenced from "
+                             f"({', '.join('s3://' + a for a in allowed)})")
         keys = list(self.store.list_keys(bucket, prefix))
         if not keys:
             raise StageError(grpc.StatusCode.NOT_FOUND, f"no objects under s3://{bucket}/{prefix}")
@@ -159,6 +182,7 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
             study_uid, request.client_request_id, lambda _id: {"bucket": bucket, "key": prefix},
             request.height_m if request.HasField("height_m") else None,
             request.weight_kg if request.HasField("weight_kg") else None,
+            retry=request.retry,
         )
         return study_message(record)
 
@@ -240,5 +264,10 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def CancelStudy(self, request, context):
         record = self._record(request.study_id)
         if record["status"] not in TERMINAL:
-            self.records.request_cancel(record["study_id"])
+            self.records.request_cancel(record["study_id"])  # durable: a restarted gateway sees it
+            self.workflow.cancel(record["study_id"])
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while record["status"] not in TERMINAL and time.monotonic() < deadline:
+                time.sleep(0.1)
+                record = self.records.get(record["study_id"]) or record
         return study_message(record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -10,6 +9,7 @@ import grpc
 from cmrvl.v1 import stages_pb2, stages_pb2_grpc
 from services.runtime.errors import StageError, grpc_errors
 from services.runtime.protoconv import ref_to_proto
+from services.runtime.scratch import scratch_dir
 from services.runtime.server import ServiceSpec
 from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
@@ -29,7 +29,7 @@ class PreprocessServicer(stages_pb2_grpc.PreprocessServiceServicer):
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "study_id and a dicom_prefix ending in '/' are required")
         prefix = STAGE_PREFIX.format(study_id=request.study_id)
         artifacts = self.store.bucket("artifacts")
-        with tempfile.TemporaryDirectory(prefix="cmrvl-pre-") as tmp:
+        with scratch_dir("cmrvl-pre-") as tmp:  # removed at exit too, or by the next start after a kill
             dicom_dir, out_dir = Path(tmp) / "dicom", Path(tmp) / "out"
             files = self.store.download_prefix(request.dicom_prefix.bucket, request.dicom_prefix.key, dicom_dir)
             if not files:

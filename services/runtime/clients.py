@@ -39,22 +39,93 @@ def remaining_timeout(context: grpc.ServicerContext | None, default_s: float) ->
 
 
 class CallAbandoned(Exception):
-    """The caller stopped wanting the result (e.g. the study was cancelled) between retries."""
+    """The caller stopped wanting the result (e.g. the study was cancelled): the call was cancelled."""
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, for waiting out an outage of `outage_s` seconds.
+
+    The outage clock starts at the first failure and restarts after a success (`reset`)."""
+
+    def __init__(self, base_s: float, max_s: float = MAX_BACKOFF_S, outage_s: float = 600.0):
+        self.base_s, self.max_s, self.outage_s = base_s, max_s, outage_s
+        self.failures, self.since = 0, None
+
+    def reset(self) -> None:
+        self.failures, self.since = 0, None
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next try, or None once the outage lasted `outage_s`."""
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since >= self.outage_s:
+            return None
+        self.failures += 1
+        delay = min(self.base_s * 2 ** (self.failures - 1), self.max_s) * (1 + random.random() / 2)
+        return max(0.0, min(delay, self.since + self.outage_s - now))
+
+    @property
+    def waited_s(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
 
 
 def call_with_retry(method, request, *, timeout_s: float, token: str = "", attempts: int = 3,
-                    backoff_s: float = 1.0, what: str = "call", still_wanted=lambda: True):
-    """Unary call with exponential backoff (+ jitter) on UNAVAILABLE / DEADLINE_EXCEEDED."""
-    for attempt in range(1, attempts + 1):
+                    backoff_s: float = 1.0, max_backoff_s: float = MAX_BACKOFF_S, outage_s: float | None = None,
+                    what: str = "call", abandon=None, on_attempt=None, on_wait=None):
+    """Unary call that waits out outages and stops when abandoned.
+
+    UNAVAILABLE (the service is restarting, a rolling update, its model loading) is retried with
+    capped exponential backoff until it has lasted `outage_s` (None: `attempts` tries, as for
+    DEADLINE_EXCEEDED); DEADLINE_EXCEEDED (the service ran and was too slow) `attempts` tries. `abandon` (a threading.Event) cancels the call in
+    flight and the waits between tries: CallAbandoned. `on_attempt()` runs before each try,
+    `on_wait(seconds, reason)` before each wait."""
+    outage = Backoff(backoff_s, max_backoff_s, float("inf") if outage_s is None else outage_s)
+    slow = 0
+    while True:
+        if abandon is not None and abandon.is_set():
+            raise CallAbandoned(what)
+        if on_attempt is not None:
+            on_attempt()
         try:
-            return method(request, timeout=timeout_s, metadata=call_metadata(token))
+            return _call(method, request, timeout_s, token, abandon, what)
         except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE or attempt == attempts:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                slow += 1
+                outage.reset()  # the service answered: no outage
+                if slow >= attempts:
+                    raise
+                delay = min(backoff_s * 2 ** (slow - 1), max_backoff_s)
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                delay = outage.next_delay()
+                if delay is None or (outage_s is None and outage.failures >= attempts):
+                    raise
+            else:
                 raise
-            if not still_wanted():
-                raise CallAbandoned(what) from exc
-            delay = min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S) * (1 + random.random() / 2)
-            log.warning("%s: %s (%s), retry %d/%d in %.1fs", what, exc.code().name, exc.details(),
-                        attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            reason = f"{code.name} ({exc.details()})"
+            log.warning("%s: %s, retry in %.1fs (unavailable for %.0fs)", what, reason, delay, outage.waited_s)
+            if on_wait is not None:
+                on_wait(delay, reason)
+            if abandon is not None:
+                if abandon.wait(delay):
+                    raise CallAbandoned(what) from None
+            else:
+                time.sleep(delay)
+
+
+POLL_S = 0.1
+
+
+def _call(method, request, timeout_s: float, token: str, abandon, what: str):
+    if abandon is None:
+        return method(request, timeout=timeout_s, metadata=call_metadata(token))
+    # As a future, so that an abandoned call is cancelled on the wire (the stage sees its
+    # context cancelled) instead of running to its end.
+    future = method.future(request, timeout=timeout_s, metadata=call_metadata(token))
+    while True:
+        try:
+            return future.result(timeout=POLL_S)
+        except grpc.FutureTimeoutError:
+            if abandon.is_set():
+                future.cancel()
+                raise CallAbandoned(what) from None

@@ -45,8 +45,15 @@ class Settings(BaseSettings):
     segmentation_target: str = "127.0.0.1:50053"
     findings_target: str = "127.0.0.1:50054"
     stage_timeout_s: float = Field(600.0, gt=0)
-    stage_attempts: int = Field(3, ge=1, le=20)
+    stage_attempts: int = Field(3, ge=1, le=20)  # DEADLINE_EXCEEDED: the stage ran and was too slow
     retry_backoff_s: float = Field(1.0, ge=0)
+    # How long an unreachable stage or object store is waited out (UNAVAILABLE, connection
+    # errors: a pod restart, a rolling update, a model load) before the study fails.
+    outage_retry_s: float = Field(600.0, ge=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    # Where SubmitStudyReference may point: "bucket/prefix" entries, comma-separated; empty =
+    # the studies bucket only (not every bucket the gateway's credentials can read).
+    reference_prefixes: str = ""
     max_upload_mb: int = Field(2048, ge=1)
     workflow_workers: int = Field(4, ge=1)
     preprocess_concurrency: int = Field(2, ge=1)
@@ -84,6 +91,11 @@ class Settings(BaseSettings):
     @property
     def accepted_tokens(self) -> frozenset[str]:
         return frozenset(t.strip() for t in self.auth_tokens.split(",") if t.strip())
+
+    @property
+    def allowed_reference_prefixes(self) -> tuple[str, ...]:
+        entries = [p.strip() for p in self.reference_prefixes.split(",") if p.strip()]
+        return tuple(entries) or (f"{self.bucket_prefix}studies/",)
 
     @property
     def stage_tokens(self) -> frozenset[str]:

@@ -27,6 +27,8 @@ STAGES = ("preprocess", "segmentation", "findings", "gateway")  # start order: g
 GRPC_OFFSETS = {"gateway": 1, "preprocess": 2, "segmentation": 3, "findings": 4}
 S3_OFFSET = 20
 DEFAULT_BASE = 50050
+HIGHEST_OFFSET = 24 + 10000  # weed mini's admin gRPC port
+MAX_BASE = 65535 - HIGHEST_OFFSET
 
 
 def default_stack_dir() -> Path:
@@ -117,7 +119,13 @@ def _terminate(pid: int, sig: int, timeout_s: float) -> None:
 
 
 def _ports(base: int) -> list[int]:
-    return [base + offset for offset in range(40)] + [base + 24 + 10000]
+    return [base + offset for offset in range(40)] + [base + HIGHEST_OFFSET]
+
+
+def check_base_port(base: int) -> None:
+    if not 1024 <= base <= MAX_BASE:
+        raise ValueError(f"base port {base} out of range: the stack uses base .. base+{HIGHEST_OFFSET}, "
+                         f"so the base must be between 1024 and {MAX_BASE}")
 
 
 def free_base_port() -> int:
@@ -141,14 +149,19 @@ class Stack:
 
     def running(self) -> bool:
         info = self.info()
-        return bool(info and info.pids and all(_alive(p) for p in info.pids.values()))
+        return bool(info and set(info.pids) == {"s3", *STAGES} and all(_alive(p) for p in info.pids.values()))
 
     def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None) -> StackInfo:
+        """Start the stack; a stack already running is returned as it is, and one that is partly
+        running (a process died or was stopped) gets what is missing started again."""
         if self.running():
             return self.info()
+        previous = self.info()
+        if previous and any(_alive(p) for p in previous.pids.values()):
+            return self._restart_missing(previous, timeout_s)
+        check_base_port(base_port)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
-        previous = self.info()
         # Credentials are generated once per stack folder and kept (the data stays readable).
         info = StackInfo(
             base_port=base_port,
@@ -181,6 +194,28 @@ class Stack:
         except BaseException:
             self.down()
             raise
+        return info
+
+    def _restart_missing(self, info: StackInfo, timeout_s: float) -> StackInfo:
+        """Start again the processes of a partly running stack that are gone, on its own ports."""
+        info.pids = {name: pid for name, pid in info.pids.items() if _alive(pid)}
+        self._write(info)
+        if "s3" not in info.pids:
+            port = info.base_port + S3_OFFSET
+            if _port_open(port):
+                raise RuntimeError(f"the stack's S3 port {port} is taken by another process")
+            info.pids["s3"] = self._spawn("s3", _weed_command(info, self.dir / "s3-data", self.dir / "s3.json"), {})
+            self._write(info)
+            self._wait_port(info, "s3", port, timeout_s)
+            self._ensure_buckets(info, timeout_s)
+        missing = [service for service in STAGES if service not in info.pids]
+        for service in missing:
+            port = info.base_port + GRPC_OFFSETS[service]
+            if _port_open(port):
+                raise RuntimeError(f"the stack's {service} port {port} is taken by another process")
+            self._spawn_service(info, service)
+        for service in missing:
+            self._wait_healthy(info, service, timeout_s)
         return info
 
     def start_service(self, service: str, timeout_s: float = 60.0) -> None:

@@ -25,11 +25,19 @@ def register(subparsers) -> None:
     serve.set_defaults(handler=_serve)
 
 
+# What starting or stopping processes can run into: printed as one line, not a traceback.
+STACK_ERRORS = (RuntimeError, TimeoutError, OSError, ValueError)
+
+
 def _up(args) -> int:
+    from services.cli import CommandError
     from services.runtime.stack import Stack
 
     stack = Stack(args.stack_dir)
-    info = stack.up(base_port=args.base_port)
+    try:
+        info = stack.up(base_port=args.base_port)
+    except STACK_ERRORS as exc:
+        raise CommandError(str(exc) or type(exc).__name__) from None
     print(f"stack up in {stack.dir}")
     print(f"  gateway  {info.target('gateway')}  (token in {stack.info_file})")
     print(f"  s3       {info.s3_endpoint}")
@@ -37,9 +45,13 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
+    from services.cli import CommandError
     from services.runtime.stack import Stack
 
-    Stack(args.stack_dir).down()
+    try:
+        Stack(args.stack_dir).down()
+    except STACK_ERRORS as exc:
+        raise CommandError(str(exc) or type(exc).__name__) from None
     print("stack down")
     return 0
 

@@ -20,19 +20,26 @@ Keys are deterministic from the study id, so a repeated stage overwrites its own
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from services.runtime.settings import Settings
 
 BUCKET_ROLES = ("studies", "artifacts", "models", "reports")
+# S3 answers that mean "the store is there but cannot serve now": waited out like an outage.
+_BUSY_CODES = {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "XMinioServerNotInitialized"}
+
+log = logging.getLogger("cmrvl.storage")
 
 
 class ObjectNotFound(KeyError):
@@ -41,6 +48,11 @@ class ObjectNotFound(KeyError):
 
 class StorageAuthError(PermissionError):
     pass
+
+
+class StoreUnavailable(ConnectionError):
+    """The object store cannot be reached or is not serving. The message names no host: it
+    reaches API callers (the log has the details)."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +65,44 @@ class Ref:
     size_bytes: int = 0
 
 
-def _translate(exc: S3Error, bucket: str, key: str) -> Exception:
-    if exc.code in {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}:
-        return ObjectNotFound(f"s3://{bucket}/{key} does not exist")
-    if exc.code in {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}:
-        return StorageAuthError(f"object store refused the credentials ({exc.code})")
-    return exc
+def _translate(exc: Exception, bucket: str, key: str) -> Exception:
+    if isinstance(exc, S3Error):
+        if exc.code in {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}:
+            return ObjectNotFound(f"s3://{bucket}/{key} does not exist")
+        if exc.code in {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}:
+            return StorageAuthError(f"object store refused the credentials ({exc.code})")
+        if exc.code in _BUSY_CODES:
+            return StoreUnavailable(f"object store unavailable ({exc.code})")
+        return exc
+    # urllib3 errors (connection refused, reset, timeouts) and 5xx answers that are not S3 XML.
+    log.warning("object store unavailable for s3://%s/%s: %s", bucket, key, exc)
+    return StoreUnavailable(f"object store unavailable ({type(exc).__name__})")
+
+
+_FAILURES = (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError)
+
+
+@contextlib.contextmanager
+def _translated(bucket: str, key: str):
+    """Store client errors as this module's exceptions (not found, credentials, unavailable)."""
+    try:
+        yield
+    except _FAILURES as exc:
+        raise _translate(exc, bucket, key) from None
+
+
+def _http_client() -> urllib3.PoolManager:
+    """The SDK's client, but brief about a store that is down: the callers wait outages out
+    themselves (the workflow) or answer UNAVAILABLE (the API) instead of blocking for long."""
+    import os
+
+    import certifi
+
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10, read=300), maxsize=32,
+        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
 
 
 class ObjectStore:
@@ -73,6 +117,7 @@ class ObjectStore:
             secret_key=settings.s3_secret_key,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            http_client=_http_client(),
         )
         self.buckets = {role: f"{settings.bucket_prefix}{role}" for role in BUCKET_ROLES}
 
@@ -81,17 +126,13 @@ class ObjectStore:
 
     def ensure_buckets(self) -> None:
         for name in self.buckets.values():
-            try:
+            with _translated(name, ""):
                 if not self.client.bucket_exists(name):
                     self.client.make_bucket(name)
-            except S3Error as exc:
-                raise _translate(exc, name, "") from None
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> Ref:
-        try:
+        with _translated(bucket, key):
             self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
-        except S3Error as exc:
-            raise _translate(exc, bucket, key) from None
         return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
 
     def put_file(self, bucket: str, key: str, path: Path, content_type: str = "application/octet-stream") -> Ref:
@@ -100,10 +141,8 @@ class ObjectStore:
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-        try:
+        with _translated(bucket, key):
             self.client.fput_object(bucket, key, str(path), content_type=content_type)
-        except S3Error as exc:
-            raise _translate(exc, bucket, key) from None
         return Ref(bucket, key, digest.hexdigest(), Path(path).stat().st_size)
 
     def put_json(self, bucket: str, key: str, document) -> Ref:
@@ -111,15 +150,13 @@ class ObjectStore:
         return self.put_bytes(bucket, key, data, "application/json")
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
-        try:
+        with _translated(bucket, key):
             response = self.client.get_object(bucket, key)
-        except S3Error as exc:
-            raise _translate(exc, bucket, key) from None
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
     def get_json(self, bucket: str, key: str):
         return json.loads(self.get_bytes(bucket, key))
@@ -128,28 +165,22 @@ class ObjectStore:
         """Download to path, streamed; the file appears whole (the SDK renames a .part file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with _translated(bucket, key):
             self.client.fget_object(bucket, key, str(path))
-        except S3Error as exc:
-            raise _translate(exc, bucket, key) from None
         return path
 
     def exists(self, bucket: str, key: str) -> bool:
         try:
-            self.client.stat_object(bucket, key)
+            with _translated(bucket, key):
+                self.client.stat_object(bucket, key)
             return True
-        except S3Error as exc:
-            error = _translate(exc, bucket, key)
-            if isinstance(error, ObjectNotFound):
-                return False
-            raise error from None
+        except ObjectNotFound:
+            return False
 
     def list_keys(self, bucket: str, prefix: str, recursive: bool = True) -> Iterator[str]:
-        try:
+        with _translated(bucket, prefix):
             for obj in self.client.list_objects(bucket, prefix=prefix, recursive=recursive):
                 yield obj.object_name
-        except S3Error as exc:
-            raise _translate(exc, bucket, prefix) from None
 
     def download_prefix(self, bucket: str, prefix: str, folder: Path) -> list[Path]:
         """Copy every object under `prefix` into `folder`, keeping relative paths."""
@@ -171,7 +202,8 @@ class ObjectStore:
 
     def delete_prefix(self, bucket: str, prefix: str) -> None:
         for key in list(self.list_keys(bucket, prefix)):
-            self.client.remove_object(bucket, key)
+            with _translated(bucket, key):
+                self.client.remove_object(bucket, key)
 
     def presigned_get(self, bucket: str, key: str, expires_s: int = 3600) -> str:
         from datetime import timedelta

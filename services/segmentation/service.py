@@ -12,6 +12,7 @@ import grpc
 from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
 from services.runtime.errors import StageError, grpc_errors
 from services.runtime.protoconv import ref_to_proto
+from services.runtime.scratch import scratch_dir
 from services.runtime.server import ServiceSpec
 from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
@@ -84,7 +85,7 @@ class SegmentationServicer(stages_pb2_grpc.SegmentationServiceServicer):
         from services.segmentation.backends import BackendTimeout, BackendUnavailable, InvalidInput
 
         segmenter = self.segmenter()
-        with tempfile.TemporaryDirectory(prefix="cmrvl-seg-") as tmp:
+        with scratch_dir("cmrvl-seg-") as tmp:  # removed at exit too, or by the next start after a kill
             cine_path = self.store.get_file(request.manifest.bucket, f"{manifest_dir}/{series['volume']}", Path(tmp) / "cine.nii.gz")
             cine = nib.load(cine_path)
             image = np.asarray(cine.dataobj, dtype=np.float32)

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from cmrvl.v1 import common_pb2 as cmrvl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63mrvl/v1/study.proto\x12\x08\x63mrvl.v1\x1a\x15\x63mrvl/v1/common.proto\"o\n\x12SubmitStudyRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.cmrvl.v1.SubmitHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.cmrvl.v1.FileChunkH\x00\x42\t\n\x07payload\"s\n\x0cSubmitHeader\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12\x15\n\x08height_m\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tweight_kg\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_height_mB\x0c\n\n_weight_kg\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xad\x01\n\x1bSubmitStudyReferenceRequest\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12)\n\x0c\x64icom_prefix\x18\x02 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12\x15\n\x08height_m\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tweight_kg\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_height_mB\x0c\n\n_weight_kg\"n\n\x0bStageRecord\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xfd\x01\n\x05Study\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12&\n\rcurrent_stage\x18\x05 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12%\n\x06stages\x18\x06 \x03(\x0b\x32\x15.cmrvl.v1.StageRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nupdated_at\x18\t \x01(\t\"#\n\x0fGetStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"%\n\x11WatchStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"\xa7\x01\n\nStudyEvent\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x12\x1e\n\x05stage\x18\x03 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12\x0f\n\x07percent\x18\x05 \x01(\x02\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04time\x18\x07 \x01(\t\"$\n\x10GetReportRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"\x97\x02\n\x06Report\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12\x13\n\x0breport_json\x18\x03 \x01(\t\x12\x13\n\x0breport_text\x18\x04 \x01(\t\x12!\n\x04json\x18\x05 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12!\n\x04text\x18\x06 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12\x1f\n\x02sr\x18\x07 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12 \n\x03seg\x18\x08 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12!\n\x04segs\x18\t \x03(\x0b\x32\x13.cmrvl.v1.ObjectRef\"8\n\x16GetReportObjectRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"[\n\x11ReportObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"b\n\x12ListStudiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\"P\n\x13ListStudiesResponse\x12 \n\x07studies\x18\x01 \x03(\x0b\x32\x0f.cmrvl.v1.Study\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x43\x61ncelStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t*\xc9\x01\n\x0bStudyStatus\x12\x1c\n\x18STUDY_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATUS_QUEUED\x10\x01\x12\x18\n\x14STUDY_STATUS_RUNNING\x10\x02\x12\x1a\n\x16STUDY_STATUS_COMPLETED\x10\x03\x12\x18\n\x14STUDY_STATUS_PARTIAL\x10\x04\x12\x17\n\x13STUDY_STATUS_FAILED\x10\x05\x12\x1a\n\x16STUDY_STATUS_CANCELLED\x10\x06\x32\xb2\x04\n\x0cStudyService\x12>\n\x0bSubmitStudy\x12\x1c.cmrvl.v1.SubmitStudyRequest\x1a\x0f.cmrvl.v1.Study(\x01\x12N\n\x14SubmitStudyReference\x12%.cmrvl.v1.SubmitStudyReferenceRequest\x1a\x0f.cmrvl.v1.Study\x12\x36\n\x08GetStudy\x12\x19.cmrvl.v1.GetStudyRequest\x1a\x0f.cmrvl.v1.Study\x12\x41\n\nWatchStudy\x12\x1b.cmrvl.v1.WatchStudyRequest\x1a\x14.cmrvl.v1.StudyEvent0\x01\x12\x39\n\tGetReport\x12\x1a.cmrvl.v1.GetReportRequest\x1a\x10.cmrvl.v1.Report\x12R\n\x0fGetReportObject\x12 .cmrvl.v1.GetReportObjectRequest\x1a\x1b.cmrvl.v1.ReportObjectChunk0\x01\x12J\n\x0bListStudies\x12\x1c.cmrvl.v1.ListStudiesRequest\x1a\x1d.cmrvl.v1.ListStudiesResponse\x12<\n\x0b\x43\x61ncelStudy\x12\x1c.cmrvl.v1.CancelStudyRequest\x1a\x0f.cmrvl.v1.Studyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63mrvl/v1/study.proto\x12\x08\x63mrvl.v1\x1a\x15\x63mrvl/v1/common.proto\"o\n\x12SubmitStudyRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.cmrvl.v1.SubmitHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.cmrvl.v1.FileChunkH\x00\x42\t\n\x07payload\"\x82\x01\n\x0cSubmitHeader\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12\x15\n\x08height_m\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tweight_kg\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05retry\x18\x04 \x01(\x08\x42\x0b\n\t_height_mB\x0c\n\n_weight_kg\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xbc\x01\n\x1bSubmitStudyReferenceRequest\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12)\n\x0c\x64icom_prefix\x18\x02 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12\x15\n\x08height_m\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tweight_kg\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05retry\x18\x05 \x01(\x08\x42\x0b\n\t_height_mB\x0c\n\n_weight_kg\"n\n\x0bStageRecord\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xfd\x01\n\x05Study\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x03 \x01(\t\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12&\n\rcurrent_stage\x18\x05 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12%\n\x06stages\x18\x06 \x03(\x0b\x32\x15.cmrvl.v1.StageRecord\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nupdated_at\x18\t \x01(\t\"#\n\x0fGetStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"%\n\x11WatchStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"\xa7\x01\n\nStudyEvent\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x12\x1e\n\x05stage\x18\x03 \x01(\x0e\x32\x0f.cmrvl.v1.Stage\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12\x0f\n\x07percent\x18\x05 \x01(\x02\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04time\x18\x07 \x01(\t\"$\n\x10GetReportRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\"\x97\x02\n\x06Report\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\x12\x13\n\x0breport_json\x18\x03 \x01(\t\x12\x13\n\x0breport_text\x18\x04 \x01(\t\x12!\n\x04json\x18\x05 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12!\n\x04text\x18\x06 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12\x1f\n\x02sr\x18\x07 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12 \n\x03seg\x18\x08 \x01(\x0b\x32\x13.cmrvl.v1.ObjectRef\x12!\n\x04segs\x18\t \x03(\x0b\x32\x13.cmrvl.v1.ObjectRef\"8\n\x16GetReportObjectRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"[\n\x11ReportObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"b\n\x12ListStudiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.cmrvl.v1.StudyStatus\"P\n\x13ListStudiesResponse\x12 \n\x07studies\x18\x01 \x03(\x0b\x32\x0f.cmrvl.v1.Study\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x43\x61ncelStudyRequest\x12\x10\n\x08study_id\x18\x01 \x01(\t*\xc9\x01\n\x0bStudyStatus\x12\x1c\n\x18STUDY_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATUS_QUEUED\x10\x01\x12\x18\n\x14STUDY_STATUS_RUNNING\x10\x02\x12\x1a\n\x16STUDY_STATUS_COMPLETED\x10\x03\x12\x18\n\x14STUDY_STATUS_PARTIAL\x10\x04\x12\x17\n\x13STUDY_STATUS_FAILED\x10\x05\x12\x1a\n\x16STUDY_STATUS_CANCELLED\x10\x06\x32\xb2\x04\n\x0cStudyService\x12>\n\x0bSubmitStudy\x12\x1c.cmrvl.v1.SubmitStudyRequest\x1a\x0f.cmrvl.v1.Study(\x01\x12N\n\x14SubmitStudyReference\x12%.cmrvl.v1.SubmitStudyReferenceRequest\x1a\x0f.cmrvl.v1.Study\x12\x36\n\x08GetStudy\x12\x19.cmrvl.v1.GetStudyRequest\x1a\x0f.cmrvl.v1.Study\x12\x41\n\nWatchStudy\x12\x1b.cmrvl.v1.WatchStudyRequest\x1a\x14.cmrvl.v1.StudyEvent0\x01\x12\x39\n\tGetReport\x12\x1a.cmrvl.v1.GetReportRequest\x1a\x10.cmrvl.v1.Report\x12R\n\x0fGetReportObject\x12 .cmrvl.v1.GetReportObjectRequest\x1a\x1b.cmrvl.v1.ReportObjectChunk0\x01\x12J\n\x0bListStudies\x12\x1c.cmrvl.v1.ListStudiesRequest\x1a\x1d.cmrvl.v1.ListStudiesResponse\x12<\n\x0b\x43\x61ncelStudy\x12\x1c.cmrvl.v1.CancelStudyRequest\x1a\x0f.cmrvl.v1.Studyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cmrvl.v1.study_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STUDYSTATUS']._serialized_start=1812
-  _globals['_STUDYSTATUS']._serialized_end=2013
+  _globals['_STUDYSTATUS']._serialized_start=1843
+  _globals['_STUDYSTATUS']._serialized_end=2044
   _globals['_SUBMITSTUDYREQUEST']._serialized_start=57
   _globals['_SUBMITSTUDYREQUEST']._serialized_end=168
-  _globals['_SUBMITHEADER']._serialized_start=170
-  _globals['_SUBMITHEADER']._serialized_end=285
-  _globals['_FILECHUNK']._serialized_start=287
-  _globals['_FILECHUNK']._serialized_end=326
-  _globals['_SUBMITSTUDYREFERENCEREQUEST']._serialized_start=329
-  _globals['_SUBMITSTUDYREFERENCEREQUEST']._serialized_end=502
-  _globals['_STAGERECORD']._serialized_start=504
-  _globals['_STAGERECORD']._serialized_end=614
-  _globals['_STUDY']._serialized_start=617
-  _globals['_STUDY']._serialized_end=870
-  _globals['_GETSTUDYREQUEST']._serialized_start=872
-  _globals['_GETSTUDYREQUEST']._serialized_end=907
-  _globals['_WATCHSTUDYREQUEST']._serialized_start=909
-  _globals['_WATCHSTUDYREQUEST']._serialized_end=946
-  _globals['_STUDYEVENT']._serialized_start=949
-  _globals['_STUDYEVENT']._serialized_end=1116
-  _globals['_GETREPORTREQUEST']._serialized_start=1118
-  _globals['_GETREPORTREQUEST']._serialized_end=1154
-  _globals['_REPORT']._serialized_start=1157
-  _globals['_REPORT']._serialized_end=1436
-  _globals['_GETREPORTOBJECTREQUEST']._serialized_start=1438
-  _globals['_GETREPORTOBJECTREQUEST']._serialized_end=1494
-  _globals['_REPORTOBJECTCHUNK']._serialized_start=1496
-  _globals['_REPORTOBJECTCHUNK']._serialized_end=1587
-  _globals['_LISTSTUDIESREQUEST']._serialized_start=1589
-  _globals['_LISTSTUDIESREQUEST']._serialized_end=1687
-  _globals['_LISTSTUDIESRESPONSE']._serialized_start=1689
-  _globals['_LISTSTUDIESRESPONSE']._serialized_end=1769
-  _globals['_CANCELSTUDYREQUEST']._serialized_start=1771
-  _globals['_CANCELSTUDYREQUEST']._serialized_end=1809
-  _globals['_STUDYSERVICE']._serialized_start=2016
-  _globals['_STUDYSERVICE']._serialized_end=2578
+  _globals['_SUBMITHEADER']._serialized_start=171
+  _globals['_SUBMITHEADER']._serialized_end=301
+  _globals['_FILECHUNK']._serialized_start=303
+  _globals['_FILECHUNK']._serialized_end=342
+  _globals['_SUBMITSTUDYREFERENCEREQUEST']._serialized_start=345
+  _globals['_SUBMITSTUDYREFERENCEREQUEST']._serialized_end=533
+  _globals['_STAGERECORD']._serialized_start=535
+  _globals['_STAGERECORD']._serialized_end=645
+  _globals['_STUDY']._serialized_start=648
+  _globals['_STUDY']._serialized_end=901
+  _globals['_GETSTUDYREQUEST']._serialized_start=903
+  _globals['_GETSTUDYREQUEST']._serialized_end=938
+  _globals['_WATCHSTUDYREQUEST']._serialized_start=940
+  _globals['_WATCHSTUDYREQUEST']._serialized_end=977
+  _globals['_STUDYEVENT']._serialized_start=980
+  _globals['_STUDYEVENT']._serialized_end=1147
+  _globals['_GETREPORTREQUEST']._serialized_start=1149
+  _globals['_GETREPORTREQUEST']._serialized_end=1185
+  _globals['_REPORT']._serialized_start=1188
+  _globals['_REPORT']._serialized_end=1467
+  _globals['_GETREPORTOBJECTREQUEST']._serialized_start=1469
+  _globals['_GETREPORTOBJECTREQUEST']._serialized_end=1525
+  _globals['_REPORTOBJECTCHUNK']._serialized_start=1527
+  _globals['_REPORTOBJECTCHUNK']._serialized_end=1618
+  _globals['_LISTSTUDIESREQUEST']._serialized_start=1620
+  _globals['_LISTSTUDIESREQUEST']._serialized_end=1718
+  _globals['_LISTSTUDIESRESPONSE']._serialized_start=1720
+  _globals['_LISTSTUDIESRESPONSE']._serialized_end=1800
+  _globals['_CANCELSTUDYREQUEST']._serialized_start=1802
+  _globals['_CANCELSTUDYREQUEST']._serialized_end=1840
+  _globals['_STUDYSERVICE']._serialized_start=2047
+  _globals['_STUDYSERVICE']._serialized_end=2609
 # @@protoc_insertion_point(module_scope)

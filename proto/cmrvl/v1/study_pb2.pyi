@@ -34,14 +34,16 @@ class SubmitStudyRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[SubmitHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class SubmitHeader(_message.Message):
-    __slots__ = ("client_request_id", "height_m", "weight_kg")
+    __slots__ = ("client_request_id", "height_m", "weight_kg", "retry")
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_M_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_KG_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     client_request_id: str
     height_m: float
     weight_kg: float
-    def __init__(self, client_request_id: _Optional[str] = ..., height_m: _Optional[float] = ..., weight_kg: _Optional[float] = ...) -> None: ...
+    retry: bool
+    def __init__(self, client_request_id: _Optional[str] = ..., height_m: _Optional[float] = ..., weight_kg: _Optional[float] = ..., retry: bool = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "data")
@@ -52,16 +54,18 @@ class FileChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SubmitStudyReferenceRequest(_message.Message):
-    __slots__ = ("client_request_id", "dicom_prefix", "height_m", "weight_kg")
+    __slots__ = ("client_request_id", "dicom_prefix", "height_m", "weight_kg", "retry")
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DICOM_PREFIX_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_M_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_KG_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     client_request_id: str
     dicom_prefix: _common_pb2.ObjectRef
     height_m: float
     weight_kg: float
-    def __init__(self, client_request_id: _Optional[str] = ..., dicom_prefix: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., height_m: _Optional[float] = ..., weight_kg: _Optional[float] = ...) -> None: ...
+    retry: bool
+    def __init__(self, client_request_id: _Optional[str] = ..., dicom_prefix: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., height_m: _Optional[float] = ..., weight_kg: _Optional[float] = ..., retry: bool = ...) -> None: ...
 
 class StageRecord(_message.Message):
     __slots__ = ("stage", "state", "attempts", "seconds", "error")

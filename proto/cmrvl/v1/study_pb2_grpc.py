@@ -86,7 +86,11 @@ class StudyServiceServicer(object):
         consecutive chunks with the same `path` are appended to one file. The study becomes
         visible only once the whole upload is stored. Errors: RESOURCE_EXHAUSTED when the upload
         exceeds the gateway's limit, INVALID_ARGUMENT when no file is a DICOM study.
-        Idempotent: the same StudyInstanceUID + client_request_id returns the existing study.
+        Idempotent: the same StudyInstanceUID + client_request_id returns the existing study, also
+        when it ended FAILED or CANCELLED, unless `retry` is set: then that study runs again (same
+        study_id, every stage anew, its event history kept). INVALID_ARGUMENT for a bad file path
+        (absolute, "..", a name component over 255 bytes); UNAVAILABLE while the object store is
+        unreachable (nothing is stored; submit again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +98,9 @@ class StudyServiceServicer(object):
 
     def SubmitStudyReference(self, request, context):
         """Submit a study whose DICOM files are already in the object store (all objects under a
-        prefix). Same idempotency rule as SubmitStudy.
+        prefix). Same idempotency and retry rules as SubmitStudy. The prefix must lie in the studies
+        bucket or under a prefix the gateway allows (CMRVL_REFERENCE_PREFIXES): PERMISSION_DENIED
+        otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +146,11 @@ class StudyServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def CancelStudy(self, request, context):
-        """Stop a queued or running study. Finished studies are returned unchanged.
+        """Stop a queued or running study: a queued study never starts, the running stage's call is
+        cancelled and nothing it returns is recorded. The answer is the study as cancelled (CANCELLED)
+        once the workflow has stopped it, normally within a second; a study the gateway could not
+        stop yet comes back as it is, with the cancel recorded (it stops before its next step).
+        Finished studies are returned unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
