@@ -168,6 +168,10 @@ def test_rows_are_ed_then_es_base_to_apex_and_empty_slices_are_marked(study, mos
     tiles = layout["tiles"]
     assert [(t["row"], t["phase"]) for t in tiles] == [("ED", ED)] * len(order) + [("ES", ES)] * len(order)
     assert [t["slice"] for t in tiles] == order * 2
+    # Base to apex in the patient: the apex lies left, anterior and inferior (RAS+ -x, +y, -z).
+    centres = [study.affine @ [0, 0, z, 1] for z in order]
+    towards_apex = [float(np.dot(c[:3], [-1, 1, -1])) for c in centres]
+    assert towards_apex == sorted(towards_apex) and len(set(towards_apex)) == len(order)
     assert [t["png_x"] for t in tiles[:len(order)]] == sorted(t["png_x"] for t in tiles[:len(order)])
     assert {t["slice"] for t in tiles if t["state"] == "no_contour"} == {EMPTY_SLICE}
     # The frame that marks it is drawn just outside the tile (its own pixels stay the image's).
