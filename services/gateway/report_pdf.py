@@ -237,8 +237,10 @@ def _measurements_and_curves(page: _Page, report: Mapping[str, Any], volumes_png
     m = report.get("measurements", {})
     if m.get("ed_phase") is not None:
         es = m.get("es_phase")
-        page.line(f"ED phase {m['ed_phase']}, ES phase {'-' if es is None else es} (0-based, by trigger time)"
-                  + ("" if m.get("bsa_m2") else "; no height/weight given: no indexed values"), SMALL_PT)
+        note = (f"ED phase {m['ed_phase']}, ES phase {'-' if es is None else es} (0-based, by trigger time)"
+                + ("" if m.get("bsa_m2") else "; no height/weight given: no indexed values"))
+        for line in textwrap.wrap(note, _chars(table_w - 0.1, SMALL_PT)):
+            page.line(line, SMALL_PT)
     table_bottom = page.y
     if volumes_png is not None:
         pixels = _image(volumes_png)
@@ -257,11 +259,14 @@ def _findings(page: _Page, report: Mapping[str, Any], thumbnails: Mapping[str, S
     thumb_in, max_thumbs = 0.62, 6
     text_w = page.width - max_thumbs * (thumb_in + 0.03) - 0.1
     for finding in findings:
-        images = list(thumbnails.get(finding.get("task_id", ""), []))[:max_thumbs]
+        stored = list(thumbnails.get(finding.get("task_id", ""), []))
+        images = stored[:max_thumbs]
         lines = textwrap.wrap(_finding_text(finding), _chars(text_w, BODY_PT))[:4]
         row_top = page.y
         for line in lines:
             page.line(line)
+        if len(stored) > len(images):
+            page.line(f"asked on {len(stored)} images; the first {len(images)} are shown", SMALL_PT, color="#666666")
         if not images:
             page.line("no images", SMALL_PT, color="#666666")
         x = MARGIN_IN + text_w + 0.1
