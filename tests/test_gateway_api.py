@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -233,3 +235,66 @@ def test_a_ris_fetches_sr_and_seg_through_the_gateway(sunnybrook_study, gateway,
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         outsider.close()
+
+
+def test_a_file_name_too_long_for_a_file_system_is_invalid_and_names_no_server_path(gateway):
+    def messages():
+        yield study_pb2.SubmitStudyRequest(header=study_pb2.SubmitHeader(client_request_id="long-name"))
+        yield study_pb2.SubmitStudyRequest(chunk=study_pb2.FileChunk(path="a" * 300 + ".dcm", data=b"x"))
+
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.stub.SubmitStudy(messages(), timeout=30, metadata=gateway.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too long" in err.value.details() and "/tmp" not in err.value.details()
+
+
+def test_a_reference_is_accepted_in_the_studies_bucket_only(gateway, store, tmp_path):
+    from tests.dicom_factory import write_cine_study
+
+    spec = write_cine_study(tmp_path / "dicom", n_slices=2, n_phases=2, rows=8, cols=8)
+    prefix = f"references/{uuid.uuid4().hex}/"
+    for bucket in (store.bucket("studies"), store.bucket("artifacts")):
+        for path in spec.files:
+            store.put_file(bucket, prefix + path.name, path)
+
+    def reference(bucket):
+        request = study_pb2.SubmitStudyReferenceRequest(client_request_id=prefix,
+                                                        dicom_prefix=common_pb2.ObjectRef(bucket=bucket, key=prefix))
+        return gateway.stub.SubmitStudyReference(request, timeout=30, metadata=gateway.metadata)
+
+    for bucket in (store.bucket("artifacts"), store.bucket("reports"), "any-other-bucket"):
+        with pytest.raises(grpc.RpcError) as err:
+            reference(bucket)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, bucket
+        assert f"s3://{store.bucket('studies')}/" in err.value.details()
+    study = reference(store.bucket("studies"))
+    assert study.study_instance_uid == spec.study_instance_uid
+    _finish(gateway, study.study_id)
+
+
+def test_an_interrupted_upload_leaves_no_temp_folder(gateway, stack_info, tmp_path):
+    """The upload's folder lives in the gateway's own temp folder and goes when the call ends."""
+    import tempfile
+    import threading
+
+    root = next(Path(tempfile.gettempdir()).glob(f"cmrvl-proc-{stack_info.pids['gateway']}-*"))
+    release = threading.Event()
+
+    def messages():
+        yield study_pb2.SubmitStudyRequest(header=study_pb2.SubmitHeader(client_request_id="interrupted"))
+        yield study_pb2.SubmitStudyRequest(chunk=study_pb2.FileChunk(path="part.dcm", data=b"x" * 1000))
+        release.wait(60)  # the client goes away in the middle of its upload
+
+    call = gateway.stub.SubmitStudy.future(messages(), timeout=60, metadata=gateway.metadata)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(root.glob("cmrvl-upload-*/part.dcm")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(root.glob("cmrvl-upload-*/part.dcm")), "the upload never reached the gateway"
+        call.cancel()
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while list(root.glob("cmrvl-upload-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(root.glob("cmrvl-upload-*"))

@@ -131,7 +131,7 @@ def test_a_stage_down_longer_than_the_old_retry_budget_is_waited_out_and_the_wat
 
 def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fault_stack, client, tmp_path, store_of):
     # A larger study: its segmentation takes seconds, time to cancel it.
-    spec = write_cine_study(tmp_path / "dicom", n_slices=8, n_phases=10, rows=96, cols=96)
+    spec = write_cine_study(tmp_path / "dicom", n_slices=8, n_phases=8, rows=64, cols=64)
     study = client.submit_folder(spec.files[0].parent, f"cancel-{uuid.uuid4().hex[:6]}")
     _wait_for(lambda: _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "running",
               what="segmentation running")
@@ -224,19 +224,16 @@ def test_object_store_outage_is_unavailable_for_the_ris_and_waited_out_by_the_wo
     fault_stack.up()  # half running: `up` starts the S3 server again (on its data), and only it
     after = fault_stack.info().pids
     assert set(after) == set(before) | {"s3"} and {k: after[k] for k in before} == before
-    final = _wait_for(lambda: (s := client.get_study(study.study_id)).status not in (
-        study_pb2.STUDY_STATUS_RUNNING, study_pb2.STUDY_STATUS_QUEUED) and s, 120, "the study to finish")
-    assert final.status in FINAL, final.error
+    events = list(client.watch(study.study_id, timeout_s=120))  # (reconnects while the store starts)
+    assert events[-1].status in FINAL, events[-1].message
 
 
-def test_stage_services_leave_no_temp_folders(fault_stack, client, small_study):
+def test_stage_services_leave_no_temp_folders(fault_stack, client):
     """A drained stage removes its folder at exit; a killed one's is removed by the next start."""
     import os
 
     from services.runtime import scratch
 
-    study = client.submit_folder(small_study.files[0].parent, f"tmp-{uuid.uuid4().hex[:6]}")
-    assert list(client.watch(study.study_id, timeout_s=120))[-1].status in FINAL
     pids = fault_stack.info().pids
     killed, live = (_wait_for(lambda: list(fault_stack.tmp.glob(f"cmrvl-proc-{pids[name]}-*")), what=name)[0]
                     for name in ("segmentation", "preprocess"))

@@ -93,3 +93,28 @@ def test_object_store_refuses_a_wrong_secret_and_anonymous_access(stack_info, st
     with pytest.raises(StorageAuthError, match="no anonymous access"):
         ObjectStore(Settings(s3_endpoint=stack_info.s3_endpoint))
     assert not store.exists(bucket, "tests/overwrite.txt")
+
+
+def test_cmrvl_up_and_down_refuse_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def cmrvl(*args):
+        return subprocess.run([sys.executable, "-m", "services", *args, "--stack-dir", str(tmp_path / "stack")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    too_high = cmrvl("up", "--base-port", "60000")  # its S3 admin port would be 70024
+    assert too_high.returncode == 1
+    assert too_high.stderr.strip().splitlines() == [
+        "cmrvl up: error: base port 60000 out of range: the stack uses base .. base+10024, "
+        "so the base must be between 1024 and 55511"]
+    assert not (tmp_path / "stack" / "stack.json").exists()  # nothing was started
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "stack.json").write_text("{not json")
+    for command in ("up", "down"):
+        broken = cmrvl(command)
+        assert broken.returncode == 1
+        assert len(broken.stderr.strip().splitlines()) == 1 and "Traceback" not in broken.stderr, broken.stderr
+        assert "is not a stack's state" in broken.stderr

@@ -199,8 +199,8 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def WatchStudy(self, request, context):
         try:
             record = self._record(request.study_id)
-        except StageError as exc:
-            context.abort(exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a stream's failure reaches the caller as its status
+            context.abort(status_for(exc), str(exc) or type(exc).__name__)
         sent = 0
         while context.is_active():
             for event in record["events"][sent:]:
@@ -209,7 +209,10 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
             if record["status"] in TERMINAL:  # the final event was written with the final status
                 return
             time.sleep(WATCH_POLL_S)
-            record = self.records.get(request.study_id) or record
+            try:
+                record = self.records.get(request.study_id) or record
+            except ConnectionError:  # the store is out of reach for a moment: the stream waits
+                pass
 
     @grpc_errors
     def GetReport(self, request, context):

@@ -9,7 +9,7 @@ import grpc
 from cmrvl.v1 import stages_pb2, stages_pb2_grpc
 from services.runtime.errors import StageError, grpc_errors
 from services.runtime.protoconv import ref_to_proto
-from services.runtime.scratch import scratch_dir
+from services.runtime.scratch import process_root, scratch_dir
 from services.runtime.server import ServiceSpec
 from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
@@ -48,6 +48,7 @@ class PreprocessServicer(stages_pb2_grpc.PreprocessServiceServicer):
 
 def service_spec(settings: Settings) -> ServiceSpec:
     store = ObjectStore(settings)
+    process_root()  # now, not at the first request: removes what killed processes left
     return ServiceSpec(
         names=[stages_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name],
         register=lambda server: stages_pb2_grpc.add_PreprocessServiceServicer_to_server(PreprocessServicer(store), server),

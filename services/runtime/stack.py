@@ -145,7 +145,11 @@ class Stack:
     def info(self) -> StackInfo | None:
         if not self.info_file.exists():
             return None
-        return StackInfo(**json.loads(self.info_file.read_text()))
+        try:
+            return StackInfo(**json.loads(self.info_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise RuntimeError(f"{self.info_file} is not a stack's state ({exc}); "
+                               "remove it or choose another --stack-dir") from None
 
     def running(self) -> bool:
         info = self.info()
@@ -281,8 +285,13 @@ class Stack:
         while True:
             try:
                 store.ensure_buckets()
+                # An object written and read back: the S3 port opens before the filer and the
+                # volume server behind it serve (they answer 500s until then).
+                bucket = store.bucket("artifacts")
+                store.put_bytes(bucket, ".stack-probe", b"ok")
+                store.get_bytes(bucket, ".stack-probe")
                 return
-            except Exception:  # the S3 port opens before the filer behind it is ready
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

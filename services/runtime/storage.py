@@ -40,6 +40,8 @@ BUCKET_ROLES = ("studies", "artifacts", "models", "reports")
 _BUSY_CODES = {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "XMinioServerNotInitialized"}
 
 log = logging.getLogger("cmrvl.storage")
+# urllib3 logs every retry of a refused connection; the one warning below says it once per call.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class ObjectNotFound(KeyError):
