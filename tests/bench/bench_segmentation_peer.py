@@ -48,8 +48,10 @@ def run_peer(volumes: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]] 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, **{f"v{i}": v.astype(np.float32) for i, v in enumerate(volumes)})
-        subprocess.run([str(PEER_PYTHON), str(Path(__file__).with_name("peer_myopari.py")), str(src), str(dst)],
-                       check=True, capture_output=True)
+        run = subprocess.run([str(PEER_PYTHON), str(Path(__file__).with_name("peer_myopari.py")), str(src), str(dst)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"myopari failed: {run.stderr.strip().splitlines()[-1:]}")
         out = np.load(dst)
         labels = [remap(out[f"v{i}"], ACDC_TO_PLATFORM, "myopari") for i in range(len(volumes))]
         return labels, [float(s) for s in out["seconds"]]

@@ -12,9 +12,17 @@ import numpy as np
 
 
 def main() -> int:
+    import importlib.util
+    import types
+
     import onnxruntime as ort
 
     ort.preload_dlls = lambda *a, **k: None  # CUDA libraries: not on this machine
+    # myopari's package __init__ imports its napari/Qt widget; load only its processors package.
+    spec = importlib.util.find_spec("myopari")
+    package = types.ModuleType("myopari")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["myopari"] = package
     from myopari.processors.SEGProcessor import EdgeDevice, SEG_module
 
     seg = SEG_module()
