@@ -114,7 +114,8 @@ def test_pdf_names_what_is_not_measured_and_flags_abnormal_values(valid):
 
     report = _report(valid)
     report["measurement_details"]["lv_ef_pct"].update(value=30.0, assessment="low")
-    report["measurement_details"]["rv_edv_ml"].update(value=None, reason={"code": "class_not_segmented", "message": "x"})
+    report["measurement_details"]["rv_edv_ml"].update(value=None,
+                                                      reason={"code": "class_not_segmented", "message": "x"})
     _reader, text = pdf_text(render_pdf(report))
     flat = " ".join(text.split())
     assert re.search(r"LV ejection fraction 30\.0 % \S+ LOW", flat)

@@ -182,7 +182,8 @@ def contour_mosaic(
     side_vox = max(box[1] - box[0], box[3] - box[2])
     base_scale = max(2, math.ceil(TILE_TARGET_PX / side_vox))
     # Rows are y (spacing[1]), columns x (spacing[0]): anisotropic pixels keep their aspect.
-    scale = (max(1, round(base_scale * spacing[1] / min(spacing))), max(1, round(base_scale * spacing[0] / min(spacing))))
+    scale = (max(1, round(base_scale * spacing[1] / min(spacing))),
+             max(1, round(base_scale * spacing[0] / min(spacing))))
     width = max(1, min(scale) // 2 + (min(scale) > 2))  # contour width in PNG pixels, < one voxel
 
     from services.findings.short_axis import window_uint8
@@ -352,5 +353,6 @@ def volume_curves(measurements: Mapping[str, Any], trigger_times_ms: Sequence[fl
     return buffer.getvalue()
 
 
-__all__ = ["CONTOUR_COLOURS", "CURVE_FLAGS", "base_to_apex", "contour_masks", "contour_mosaic", "curve_data", "direction_letters",
+__all__ = ["CONTOUR_COLOURS", "CURVE_FLAGS", "base_to_apex", "contour_masks", "contour_mosaic", "curve_data",
+           "direction_letters",
            "outline", "slice_positions_mm", "volume_curves"]

@@ -291,14 +291,14 @@ class ReportBuilder:
             with tempfile.TemporaryDirectory(prefix="cmrvl-figures-") as tmp:
                 cine_key = f"{manifest_ref['key'].rsplit('/', 1)[0]}/{entry['volume']}"
                 cine = nib.load(self.store.get_file(manifest_ref["bucket"], cine_key, Path(tmp) / "cine.nii.gz"))
-                labels = nib.load(self.store.get_file(labels_ref["bucket"], labels_ref["key"], Path(tmp) / "labels.nii.gz"))
+                labels = nib.load(self.store.get_file(labels_ref["bucket"], labels_ref["key"],
+                                                      Path(tmp) / "labels.nii.gz"))
                 cine_data, label_data = np.asarray(cine.dataobj), np.asarray(labels.dataobj).astype(np.uint8)
-            if cine_data.ndim == 3:
-                cine_data, label_data = cine_data[..., None], label_data.reshape(cine_data.shape[:3] + (-1,))
-            present, _flags = present_cells(entry, cine_data.shape[2], cine_data.shape[3])
+            n_phases = cine_data.shape[3] if cine_data.ndim == 4 else 1  # a one-phase cine is 3D
+            present, _flags = present_cells(entry, cine_data.shape[2], n_phases)
             files["contours.png"], _layout = contour_mosaic(
-                cine_data, label_data, np.asarray(entry["affine"]), measurements["ed_phase"], measurements.get("es_phase"),
-                times, present, entry.get("image_orientation_patient"))
+                cine_data, label_data, np.asarray(entry["affine"]), measurements["ed_phase"],
+                measurements.get("es_phase"), times, present, entry.get("image_orientation_patient"))
             files["volumes.png"] = volume_curves(measurements, times)
         files["report.pdf"] = render_pdf(report, files.get("contours.png"), files.get("volumes.png"),
                                          self._finding_thumbnails(stages["findings"]["outputs"].get("findings")))
@@ -363,8 +363,8 @@ class ReportBuilder:
                 dicom["pdf.dcm"] = self._pdf_dicom(review["report.pdf"], dicom, record["study_id"])
         except Exception as exc:  # noqa: BLE001 - the numbers still go out, flagged
             log.exception("study %s: figures/PDF not written", record["study_id"])
-            report["quality"].append({"code": "no_review_outputs", "source": "report",
-                                      "message": f"contours/volume curves/PDF could not be written: {type(exc).__name__}: {exc}"})
+            report["quality"].append({"code": "no_review_outputs", "source": "report", "message":
+                                      f"contours/volume curves/PDF could not be written: {type(exc).__name__}: {exc}"})
             review = {}
         for name, data in review.items():
             outputs[name.replace(".", "_")] = self.store.put_bytes(bucket, prefix + name, data, REVIEW_TYPES[name])

@@ -105,7 +105,8 @@ def _model_line(report: Mapping[str, Any]) -> str:
             continue
         extra = [model.get("backend") or ""] + (["shipped default LV-only model"] if model.get("default_model") else [])
         extra_text = ", ".join(e for e in extra if e)
-        parts.append(f"{label}: {model.get('name')} {model.get('version')}" + (f" ({extra_text})" if extra_text else ""))
+        parts.append(f"{label}: {model.get('name')} {model.get('version')}"
+                     + (f" ({extra_text})" if extra_text else ""))
     return "Models: " + "; ".join(parts)
 
 
@@ -147,7 +148,8 @@ class _Page:
         self.fig.add_artist(_rule(self.y - 0.03))
 
     def picture(self, x_in: float, y_in: float, w_in: float, h_in: float, pixels: np.ndarray) -> None:
-        ax = self.fig.add_axes((x_in / PAGE_IN[0], 1 - (y_in + h_in) / PAGE_IN[1], w_in / PAGE_IN[0], h_in / PAGE_IN[1]))
+        ax = self.fig.add_axes((x_in / PAGE_IN[0], 1 - (y_in + h_in) / PAGE_IN[1],
+                                w_in / PAGE_IN[0], h_in / PAGE_IN[1]))
         ax.imshow(pixels, interpolation="none")  # embedded at full resolution, not resampled
         ax.set_axis_off()
 
