@@ -5,6 +5,8 @@
 - The Encapsulated PDF passes dciodvfy: no error on a conformant synthetic source, only the
   source's own errors on the real Sunnybrook study (rules of tests/test_dicom_conformance.py);
   it lands in the source study in a real Orthanc by C-STORE (services/gateway/pacs.py).
+- The report stage (ReportBuilder on the real S3 server) stores every object, and without its
+  cine still delivers JSON/text/SR/SEG with a one-line quality entry saying why there is no PDF.
 - Through the real stack: the report stage stores report.pdf, contours.png, volumes.png and pdf.dcm
   under <study_id>/ in the reports bucket, pushes pdf.dcm with SR/SEG to the PACS, and the PDF's
   numbers are the report's.
@@ -280,3 +282,68 @@ def test_report_stage_stores_pdf_figures_and_pdf_dicom_beside_the_report(sunnybr
               for p in (pacs.storage_dir / study.study_instance_uid).glob("*.dcm")}
     assert ds.SOPInstanceUID in pushed
     assert pypdf.PdfReader(io.BytesIO(read_encapsulated_pdf(ds))).pages
+
+
+def _stored_record(outputs, store, study_id: str, volume_key: str | None = None) -> dict:
+    """A finished workflow record of the synthetic study, its stage outputs in the real store."""
+    import nibabel as nib
+
+    from services.gateway.records import STAGES, new_record
+
+    studies, artifacts = store.bucket("studies"), store.bucket("artifacts")
+    store.upload_folder(outputs.spec.files[0].parent, studies, f"{study_id}/dicom/")
+    manifest = dict(outputs.manifest)
+    entry = outputs.entry
+    store.put_file(artifacts, f"{study_id}/preprocess/{volume_key or entry['volume']}",
+                   Path(outputs.pre_dir) / entry["volume"])
+    manifest_ref = store.put_json(artifacts, f"{study_id}/preprocess/manifest.json", manifest)
+    labels_path = Path(outputs.pre_dir) / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(outputs.labels, np.array(entry["affine"])), labels_path)
+    labels_ref = store.put_file(artifacts, f"{study_id}/segmentation/labels.nii.gz", labels_path)
+    measurements_ref = store.put_json(artifacts, f"{study_id}/segmentation/measurements.json",
+                                      dict(outputs.measurements, model=MODEL))
+    dicom_prefix = {"bucket": studies, "key": f"{study_id}/dicom/"}
+    record = new_record(study_id, outputs.sr.StudyInstanceUID, study_id, dicom_prefix, 1.75, 70)
+    for name in STAGES:
+        record["stages"][name].update(state="done", seconds=1.0)
+    record["stages"]["findings"].update(state="skipped", error="no vision-language model configured")
+    record["stages"]["preprocess"]["outputs"] = {"manifest": vars(manifest_ref)}
+    record["stages"]["segmentation"]["outputs"] = {"labels": vars(labels_ref), "measurements": vars(measurements_ref),
+                                                   "model": MODEL}
+    return record
+
+
+def test_report_stage_without_its_cine_still_delivers_the_report_and_says_why(valid, store):
+    """The figures cannot be drawn (the cine volume is not in the store): report.json, report.txt,
+    SR and SEG still go out, and the quality section names what is missing and why."""
+    import uuid
+
+    from services.gateway.report import ReportBuilder
+
+    study_id = f"review-failure-{uuid.uuid4().hex[:8]}"
+    record = _stored_record(valid, store, study_id, volume_key="elsewhere.nii.gz")
+    outputs = ReportBuilder(store)(record)
+    assert {"json", "text", "sr", "seg"} <= set(outputs)
+    assert not {"report_pdf", "contours_png", "volumes_png", "pdf"} & set(outputs)
+    report = store.get_json(outputs["json"]["bucket"], outputs["json"]["key"])
+    flags = [q for q in report["quality"] if q["code"] == "no_review_outputs"]
+    assert len(flags) == 1 and "could not be written" in flags[0]["message"] and "\n" not in flags[0]["message"]
+    assert report["review"] == {} and "pdf" not in report["dicom"]
+    assert report["measurements"]["lv_edv_ml"] == pytest.approx(valid.measurements["lv_edv_ml"])
+
+
+def test_report_stage_of_a_stored_study_writes_every_review_object(valid, store):
+    import uuid
+
+    from services.gateway.report import ReportBuilder
+
+    study_id = f"review-{uuid.uuid4().hex[:8]}"
+    outputs = ReportBuilder(store)(_stored_record(valid, store, study_id))
+    assert {"report_pdf", "contours_png", "volumes_png", "pdf"} <= set(outputs)
+    for key, name in (("report_pdf", "report.pdf"), ("contours_png", "contours.png"), ("volumes_png", "volumes.png"),
+                      ("pdf", "pdf.dcm")):
+        assert outputs[key]["key"] == f"{study_id}/{name}" and outputs[key]["bucket"] == store.bucket("reports")
+    report = store.get_json(outputs["json"]["bucket"], outputs["json"]["key"])
+    assert not [q for q in report["quality"] if q["code"] == "no_review_outputs"]
+    _reader, text = pdf_text(store.get_bytes(store.bucket("reports"), f"{study_id}/report.pdf"))
+    assert f"{report['measurements']['lv_ef_pct']:.1f}" in text
