@@ -1,7 +1,7 @@
 """Benchmark: the shipped default model vs the peer (myopari's ACDC Tiramisu), same volumes, same scoring.
 
     .venv/bin/python tests/bench/bench_segmentation_peer.py --dataset WORK/nnUNet_raw/Dataset131_ACDCh5 \
-        [--model services/segmentation/default_model] [--sunnybrook ../shared/data/sunnybrook] [--max-cases N]
+        [--model services/segmentation/default_model] [--sunnybrook ../shared/data/sunnybrook] [--stride K]
 
 Volumes: the held-out ACDC patients recorded in the dataset's dataset.json (ED and ES; neither
 model trained on them for our part; the peer's training split is its own, so it may have seen
@@ -99,7 +99,8 @@ def main() -> int:
     parser.add_argument("--dataset", required=True, help="staged nnU-Net dataset with held_out in dataset.json")
     parser.add_argument("--model", default=str(REPO / "services" / "segmentation" / "default_model"))
     parser.add_argument("--sunnybrook", default=str(REPO / ".." / "shared" / "data" / "sunnybrook"))
-    parser.add_argument("--max-cases", type=int, default=None, help="first N held-out cases only")
+    parser.add_argument("--stride", type=int, default=1,
+                        help="every K-th held-out patient only (4: one per ACDC group), both phases")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for our model")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -110,7 +111,9 @@ def main() -> int:
     from training.nnunet.evaluate import held_out_cases
 
     dataset = Path(args.dataset)
-    names = held_out_cases(dataset)[: args.max_cases]
+    cases = held_out_cases(dataset)
+    patients = sorted({c.rsplit("_", 1)[0] for c in cases})[:: args.stride]
+    names = [c for c in cases if c.rsplit("_", 1)[0] in patients]
     images, refs, affines = [], [], []
     for name in names:
         img = nib.load(dataset / "imagesTr" / f"{name}_0000.nii.gz")
