@@ -86,14 +86,16 @@ class RecordStore:
         record["updated_at"] = now()
         self.store.put_json(self.bucket, self.key(record["study_id"]), record)
 
-    def add_event(self, record: dict, stage: str, message: str, percent: float | None = None) -> None:
+    def add_event(self, record: dict, stage: str, message: str, percent: float | None = None,
+                  save: bool = True) -> None:
         events = record["events"]
         events.append({
             "sequence": len(events), "stage": stage, "status": record["status"],
             "percent": PROGRESS_AFTER.get(stage, events[-1]["percent"]) if percent is None else percent,
             "message": message, "time": now(),
         })
-        self.put(record)
+        if save:
+            self.put(record)
 
     def all(self) -> list[dict]:
         records = []

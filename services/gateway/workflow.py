@@ -152,7 +152,7 @@ class Workflow:
             try:
                 record = self.records.get(study_id)
                 if record is not None and record["status"] not in TERMINAL:
-                    self._mark_cancelled(record)
+                    self._mark_cancelled(record, retry_write=False)
             finally:
                 owner.release()
 
@@ -166,6 +166,8 @@ class Workflow:
                 try:
                     self.run(study_id)
                     return
+                except _Stopping:
+                    return  # resumed at the next start
                 except ConnectionError as exc:
                     delay = backoff.next_delay()
                     log.warning("study %s: %s; trying again in %.1fs", study_id, exc, delay)
@@ -196,13 +198,31 @@ class Workflow:
         except Exception:  # noqa: BLE001 - the next start resumes it
             log.exception("study %s: could not record the failure", study_id)
 
-    def _mark_cancelled(self, record: dict) -> None:
+    def _mark_cancelled(self, record: dict, retry_write: bool = True) -> None:
         record["status"] = "cancelled"
         for state in record["stages"].values():
             if state["state"] in ("running", "waiting"):
                 state["state"] = "pending"
         STUDIES_FINISHED.labels("cancelled").inc()
-        self.records.add_event(record, record["current_stage"], "study cancelled")
+        if retry_write:
+            self._commit(record, record["current_stage"], "study cancelled")
+        else:  # a RIS call: it answers UNAVAILABLE instead (the marker stays for the run)
+            self.records.add_event(record, record["current_stage"], "study cancelled")
+
+    def _commit(self, record: dict, stage: str, message: str, percent: float | None = None) -> None:
+        """An event that must be kept (a stage's or the study's end): its write is retried in place
+        until the store takes it, so that the stage's work is not done again."""
+        self.records.add_event(record, stage, message, percent, save=False)
+        backoff = Backoff(self.settings.retry_backoff_s, self.settings.max_backoff_s, float("inf"))
+        while True:
+            try:
+                self.records.put(record)
+                return
+            except ConnectionError as exc:
+                delay = backoff.next_delay()
+                log.warning("study %s: record not written (%s); trying again in %.1fs", record["study_id"], exc, delay)
+                if self._stopping.wait(delay):
+                    raise _Stopping() from None
 
     def _save(self, record: dict) -> None:
         """Progress worth keeping (an attempt started, a wait): kept if the store takes it now."""
@@ -246,8 +266,8 @@ class Workflow:
         record["status"] = "partial" if skipped else "completed"
         STUDIES_FINISHED.labels(record["status"]).inc()
         record["current_stage"] = "report"
-        self.records.add_event(record, "report", f"study {record['status']}"
-                               + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0)
+        self._commit(record, "report", f"study {record['status']}"
+                     + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0)
 
     def _acquire(self, stage: str, abandon: _Abandon) -> None:
         """A slot of the stage, waiting as long as it takes unless cancelled or stopping."""
@@ -327,7 +347,7 @@ class Workflow:
             message = record["error"]
             log.exception("study %s: %s", record["study_id"], stage)
         state["seconds"] = clock()
-        self.records.add_event(record, stage, message)
+        self._commit(record, stage, message)
 
     @contextlib.contextmanager
     def _inside(self, stage: str):
