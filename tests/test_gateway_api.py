@@ -223,6 +223,11 @@ def test_a_ris_fetches_sr_and_seg_through_the_gateway(sunnybrook_study, gateway,
         assert chunks[0].content_type == ("application/json" if name.endswith(".json") else "application/dicom")
         if len(data) > 64 * 1024:
             assert len(chunks) > 1  # streamed in parts, not one message
+    for name, content_type in (("report.pdf", "application/pdf"), ("contours.png", "image/png")):
+        chunks = list(gateway.stub.GetReportObject(study_pb2.GetReportObjectRequest(study_id=study.study_id, name=name),
+                                                   metadata=gateway.metadata, timeout=60))
+        assert chunks[0].content_type == content_type, name
+        assert b"".join(c.data for c in chunks)[:4] == (b"%PDF" if name.endswith(".pdf") else b"\x89PNG")
     assert gateway.get_report_object(study.study_id, "seg_es.dcm") == store.get_bytes(report.segs[1].bucket,
                                                                                       report.segs[1].key)
     with pytest.raises(grpc.RpcError) as err:

@@ -34,7 +34,8 @@ STAGE = {
 }
 WATCH_POLL_S = 0.3
 REPORT_CHUNK_BYTES = 64 * 1024  # well under gRPC's default 4 MiB message limit
-CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt": "text/plain"}
+CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt": "text/plain",
+                 ".pdf": "application/pdf", ".png": "image/png"}
 MAX_NAME_BYTES = 255  # one path component (file systems' NAME_MAX)
 MAX_PATH_BYTES = 900  # the whole relative path: S3 keys are at most 1024 bytes with the study prefix
 CANCEL_WAIT_S = 3.0  # how long CancelStudy waits for the workflow to have stopped the study
