@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from services.preprocess.reader import quiet_pydicom
 from services.segmentation.dicom_seg import MANUFACTURER, copy_study_attributes, derived_uid
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -33,6 +34,7 @@ DOCUMENT_TITLE = "CMR-VL draft report (machine generated)"
 _REPORT_CONCEPT = ("18748-4", "LN", "Diagnostic imaging report")
 
 
+@quiet_pydicom()  # the source's invalid UIDs are listed once (source_conformance), not warned per element
 def build_encapsulated_pdf(pdf: bytes, study: Dataset, sources: Sequence[Dataset] = (), run: str = "",
                            title: str = DOCUMENT_TITLE) -> Dataset:
     """An Encapsulated PDF dataset (with file meta) in the study of `study` (the run's SR).

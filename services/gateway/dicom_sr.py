@@ -58,6 +58,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from services.preprocess.reader import quiet_pydicom
 from services.segmentation.dicom_seg import (MANUFACTURER, _repaired, copy_study_attributes, derived_uid,
                                              device_uid, lo, read_source_headers, segment_codes)
 
@@ -164,6 +165,7 @@ def _seg_as_source(seg: Dataset, number: int):
     return item
 
 
+@quiet_pydicom()  # the source's invalid UIDs are listed once (source_conformance), not warned per element
 def build_sr(
     segs: Mapping[int, Dataset],
     sources: Path | str | Sequence[Dataset],

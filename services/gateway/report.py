@@ -377,9 +377,10 @@ class ReportBuilder:
             from services.gateway.pacs import push
 
             try:
-                push(dicom, self.pacs_target, self.pacs_calling_aet)
+                push(dicom, self.pacs_target, self.pacs_calling_aet, study_id=record["study_id"])  # logs the answer
                 report["dicom"]["pushed_to"] = self.pacs_target
             except Exception as exc:  # noqa: BLE001 - the objects stay in the store; say so
+                log.warning("study %s: SR/SEG/PDF not pushed to %s: %s", record["study_id"], self.pacs_target, exc)
                 report["quality"].append({"code": "pacs_push_failed", "source": "report",
                                           "message": f"SR/SEG/PDF not pushed to {self.pacs_target}: {exc}"})
         outputs["json"] = self.store.put_json(bucket, prefix + "report.json", report)

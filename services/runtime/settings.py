@@ -88,6 +88,15 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
+    @field_validator("pacs_target")
+    @classmethod
+    def _pacs_target(cls, value: str) -> str:
+        from services.gateway.pacs import parse_target  # no pydicom/pynetdicom import here
+
+        if value:
+            parse_target(value)  # its ValueError names the expected form
+        return value
+
     @property
     def accepted_tokens(self) -> frozenset[str]:
         return frozenset(t.strip() for t in self.auth_tokens.split(",") if t.strip())

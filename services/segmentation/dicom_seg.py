@@ -269,6 +269,7 @@ def _phase_label(phase: int, measurements: Mapping | None) -> str:
     return "_".join(names) if names else f"PHASE_{phase:02d}"
 
 
+@quiet_pydicom()  # the source's invalid UIDs are listed once (source_conformance), not warned per element
 def build_segs(
     source_dir: Path,
     manifest: dict,
