@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -135,24 +136,39 @@ class ReadResult:
     n_files: int
 
 
+_quiet_lock = threading.Lock()
+_quiet_state: dict = {"depth": 0}
+
+
 @contextmanager
 def quiet_pydicom():
     """Real data has invalid UIDs and odd VRs: read them as they are, without warnings. pydicom
     also logs a traceback for every decoder plugin that fails on a frame (even when the next
-    one decodes it); a file that no plugin decodes is rejected with the reason instead."""
-    cfg = pydicom.config.settings
-    saved = cfg.reading_validation_mode
-    log = logging.getLogger("pydicom")  # its modules log through child loggers
-    log_level = log.level
-    cfg.reading_validation_mode = pydicom.config.IGNORE
-    log.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
+    one decodes it); a file that no plugin decodes is rejected with the reason instead.
+
+    pydicom's settings, its log level and the warning filters are process-wide, so concurrent
+    and nested uses share one quiet period: the first to enter saves and silences, the last to
+    leave restores (per-use save/restore across threads could leave pydicom silenced for good)."""
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            log = logging.getLogger("pydicom")  # its modules log through child loggers
+            caught = warnings.catch_warnings()
+            caught.__enter__()
             warnings.simplefilter("ignore")
-            yield
+            _quiet_state.update(mode=pydicom.config.settings.reading_validation_mode,
+                                level=log.level, caught=caught)
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+            log.setLevel(logging.CRITICAL)
+        _quiet_state["depth"] += 1
+    try:
+        yield
     finally:
-        cfg.reading_validation_mode = saved
-        log.setLevel(log_level)
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                pydicom.config.settings.reading_validation_mode = _quiet_state["mode"]
+                logging.getLogger("pydicom").setLevel(_quiet_state["level"])
+                _quiet_state.pop("caught").__exit__(None, None, None)
 
 
 def is_valid_uid(uid: str) -> bool:
