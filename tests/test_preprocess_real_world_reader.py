@@ -296,12 +296,15 @@ def test_named_pipe_in_the_study_is_skipped_not_waited_on(tmp_path):
     assert np.array_equal(data, cine.expected)
 
 
+# Peak memory is the child's own VmHWM (per address space): getrusage's ru_maxrss survives fork
+# and exec, so late in the suite it reports the pytest parent's RSS (about 2 GiB), not the reader's.
 _PEAK_MEMORY = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from services.preprocess.reader import read_folder
 read = read_folder(Path(sys.argv[1]))
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mib": hwm_kib / 1024,
                   "frames": len(read.frames),
                   "rejected": {r.file: r.reason for r in read.rejected}}))
 """
