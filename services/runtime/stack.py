@@ -128,11 +128,36 @@ def check_base_port(base: int) -> None:
                          f"so the base must be between 1024 and {MAX_BASE}")
 
 
+def _port_bindable(port: int) -> bool:
+    """Nobody listens on it and no connection holds it as its local port (a connect test alone
+    misses the second: a client's port blocks a later bind with 'Address already in use')."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return not _port_open(port)
+
+
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands to outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port() -> int:
-    """A base port whose whole range (base .. base+39) is free now."""
+    """A base port whose whole range (base .. base+39, base+HIGHEST_OFFSET) is free now.
+
+    Chosen below the kernel's ephemeral range where it fits, so that the stack's ports are not
+    taken meanwhile by some client's outgoing connection (seen in CI: a stage failed to bind)."""
+    low, top = 10000, min(MAX_BASE, _ephemeral_low() - HIGHEST_OFFSET - 1)
+    if top - low < 50 * 50:  # too little room below the ephemeral range: use the whole range
+        low, top = 20000, MAX_BASE
     for _ in range(200):
-        base = 20000 + secrets.randbelow(300) * 100  # +10024 (weed admin gRPC) stays < 65536
-        if not any(_port_open(port) for port in _ports(base)):
+        base = low + secrets.randbelow((top - low) // 50) * 50
+        if all(_port_bindable(port) for port in _ports(base)):
             return base
     raise RuntimeError("no free port range found")
 
