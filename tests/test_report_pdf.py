@@ -347,3 +347,18 @@ def test_report_stage_of_a_stored_study_writes_every_review_object(valid, store)
     assert not [q for q in report["quality"] if q["code"] == "no_review_outputs"]
     _reader, text = pdf_text(store.get_bytes(store.bucket("reports"), f"{study_id}/report.pdf"))
     assert f"{report['measurements']['lv_ef_pct']:.1f}" in text
+
+
+def test_warm_up_pays_the_first_renders_costs_before_any_study():
+    """ReportBuilder.warm_up (run by the gateway at start-up) leaves the PDF font cut and
+    matplotlib's PNG and PDF back ends loaded, in a fresh process that rendered nothing else."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from services.gateway.report import ReportBuilder; ReportBuilder.warm_up(); "
+            "from services.gateway.report_pdf import _page_fonts; "
+            "print(_page_fonts.cache_info().currsize, 'matplotlib.backends.backend_pdf' in sys.modules, "
+            "'matplotlib.backends.backend_agg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["1", "True", "True"]

@@ -187,6 +187,24 @@ class ReportBuilder:
         self.store = store
         self.pacs_target, self.pacs_calling_aet = pacs_target, pacs_calling_aet
 
+    @staticmethod
+    def warm_up() -> None:
+        """Render the review outputs once for a tiny synthetic study and throw them away.
+
+        The first render in a process pays matplotlib's imports, its font cache and cutting the PDF
+        font (about 2.5 s of the first study's report stage); the gateway calls this in the background
+        at start-up so that the first study costs what the others do."""
+        import numpy as np
+
+        from services.gateway.figures import contour_mosaic, volume_curves
+        from services.gateway.report_pdf import render_pdf
+
+        cine = np.zeros((32, 32, 2, 2), np.int16)
+        labels = np.zeros(cine.shape, np.uint8)
+        labels[10:20, 10:20], labels[20:28, 10:20] = 1, 3
+        contours, _layout = contour_mosaic(cine, labels, np.diag([1.5, 1.5, 8.0, 1.0]), 0, 1)
+        render_pdf({}, contours, volume_curves({"lv_volume_curve_ml": [1.0, 0.5], "rv_volume_curve_ml": [1.0, 0.5]}))
+
     def _json(self, ref: dict | None):
         return self.store.get_json(ref["bucket"], ref["key"]) if ref else None
 

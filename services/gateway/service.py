@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from cmrvl.v1 import study_pb2, study_pb2_grpc
 from services.gateway.records import RecordStore
 from services.gateway.report import ReportBuilder
@@ -10,6 +13,20 @@ from services.gateway.workflow import Workflow
 from services.runtime.server import ServiceSpec
 from services.runtime.settings import SettingsError, Settings
 from services.runtime.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def _warm_up_report() -> None:
+    try:
+        ReportBuilder.warm_up()
+    except Exception:  # only costs the first study its start-up time; never stops the gateway
+        log.exception("report warm-up failed")
+
+
+def _start(workflow: Workflow) -> None:
+    threading.Thread(target=_warm_up_report, name="report-warm-up", daemon=True).start()
+    workflow.resume_unfinished()
 
 
 def service_spec(settings: Settings) -> ServiceSpec:
@@ -24,6 +41,6 @@ def service_spec(settings: Settings) -> ServiceSpec:
         names=[study_pb2.DESCRIPTOR.services_by_name["StudyService"].full_name],
         register=lambda server: study_pb2_grpc.add_StudyServiceServicer_to_server(servicer, server),
         tokens=settings.accepted_tokens,
-        on_start=workflow.resume_unfinished,
+        on_start=lambda: _start(workflow),
         on_stop=workflow.stop,
     )

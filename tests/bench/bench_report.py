@@ -2,8 +2,9 @@
 
 Baseline (same run, same process): the SR + SEG the report stage already builds (build_segs +
 build_sr + encoding). Candidate: contour mosaic + volume curves + one-page PDF + Encapsulated PDF.
-The first study in a process also pays the imports (matplotlib, fontTools) and cutting the PDF font
-once; it is printed separately ("cold"), the rest are medians over --repeat runs ("warm"). Labels:
+The first render in a process pays the imports (matplotlib, fontTools) and cutting the PDF font;
+the gateway pays that at start-up (ReportBuilder.warm_up, timed here on its own). The first study
+after it is printed separately ("cold"), the rest are medians over --repeat runs ("warm"). Labels:
 the expert LV contours at ED/ES (training.nnunet.sunnybrook), as in tests/test_dicom_outputs.py.
 Prints the numbers and ratios; asserts nothing (target: rendering well under 2 s per study).
 
@@ -98,6 +99,11 @@ def main() -> int:
     t = time.perf_counter()
     sr, _files = baseline()
     cold_base = time.perf_counter() - t
+    from services.gateway.report import ReportBuilder
+
+    t = time.perf_counter()
+    ReportBuilder.warm_up()  # what the gateway does in the background at start-up
+    warm_up = time.perf_counter() - t
     cold, sizes = candidate(sr)
     base_runs, runs = [], []
     for _ in range(args.repeat):
@@ -108,12 +114,16 @@ def main() -> int:
     warm_base = statistics.median(base_runs)
     warm = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"Sunnybrook SCD0000101, {cine.shape[2]} slices x {cine.shape[3]} phases; {args.repeat} warm runs")
+    print(f"gateway start-up warm-up of the pictures (ReportBuilder.warm_up, off the request path): {warm_up:.3f} s")
+    print("cold: the first study in the process (pictures after the warm-up); warm: the median of the next ones")
     print(f"baseline SR+SEG      cold {cold_base:6.3f} s   warm {warm_base:6.3f} s")
     for key in warm:
         size = f"   {sizes[key] / 1024:7.0f} KiB" if key in sizes else ""
         print(f"{key:<20} cold {cold[key]:6.3f} s   warm {warm[key]:6.3f} s{size}")
     print(f"ratio pictures / SR+SEG: cold {cold['total'] / cold_base:.2f}   warm {warm['total'] / warm_base:.2f}")
-    print(f"warm pictures per study: {warm['total']:.3f} s (target < 2 s: {'met' if warm['total'] < 2 else 'NOT met'})")
+    for name, seconds in (("first", cold["total"]), ("warm", warm["total"])):
+        print(f"{name} study's pictures: {seconds:.3f} s (target well under 2 s: "
+              f"{'met' if seconds < 1.5 else 'NOT met'})")
     return 0
 
 
