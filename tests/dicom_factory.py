@@ -212,6 +212,50 @@ def write_lax_cine(folder: Path, *, study_uid: str, series_number: int = 10,
                         **kwargs)
 
 
+def _enhanced_mr(*, study_uid: str, series_uid: str, sop: str, series_number: int, rows: int, cols: int,
+                 n_frames: int, iop, pixel_spacing, slice_gap_mm: float, echo_time_ms: float) -> tuple[Dataset, Dataset]:
+    """An enhanced MR image's dataset and its shared functional group (pixel measures,
+    orientation, echo time), for the writers below to add their own groups and frames to."""
+    ds = base_dataset(study_uid=study_uid, series_uid=series_uid, sop_uid=sop,
+                      sop_class=ENHANCED_MR_IMAGE_STORAGE, series_number=series_number,
+                      description="", scanning_sequence="GR")
+    for keyword in ("ScanningSequence", "SequenceVariant", "EchoTime", "RepetitionTime"):
+        delattr(ds, keyword)  # enhanced MR moves these into functional groups
+    ds.EchoPulseSequence = "GRADIENT"
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = n_frames
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = list(pixel_spacing)
+    measures.SliceThickness = slice_gap_mm
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(iop)
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    echo = Dataset()
+    echo.EffectiveEchoTime = echo_time_ms
+    shared.MREchoSequence = Sequence([echo])
+    return ds, shared
+
+
+def _frame_group(position_lps, trigger_ms: float, temporal_index: int, in_stack: int | None = None) -> Dataset:
+    """One frame's functional group: its position, trigger delay and frame content."""
+    item = Dataset()
+    position = Dataset()
+    position.ImagePositionPatient = [round(float(v), 4) for v in position_lps]
+    item.PlanePositionSequence = Sequence([position])
+    cardiac = Dataset()
+    cardiac.NominalCardiacTriggerDelayTime = trigger_ms
+    item.CardiacSynchronizationSequence = Sequence([cardiac])
+    content = Dataset()
+    content.TemporalPositionIndex = temporal_index
+    if in_stack is not None:
+        content.InStackPositionNumber = in_stack
+    item.FrameContentSequence = Sequence([content])
+    return item
+
+
 def write_enhanced_cine(path: Path, *, n_slices: int = 3, n_phases: int = 6, rows: int = 24,
                         cols: int = 20, iop=SAX_IOP, origin=(10.0, -5.0, 60.0),
                         pixel_spacing=(1.4, 1.6), slice_gap_mm: float = 7.0,
@@ -227,41 +271,15 @@ def write_enhanced_cine(path: Path, *, n_slices: int = 3, n_phases: int = 6, row
     times = [round(p * 900.0 / n_phases, 2) for p in range(n_phases)]
     cells = [(k, p) for k in range(n_slices) for p in range(n_phases)]
     random.Random(seed).shuffle(cells)
-    ds = base_dataset(study_uid=study_uid, series_uid=series_uid, sop_uid=sop,
-                      sop_class=ENHANCED_MR_IMAGE_STORAGE, series_number=7,
-                      description="", scanning_sequence="GR")
-    for keyword in ("ScanningSequence", "SequenceVariant", "EchoTime", "RepetitionTime"):
-        delattr(ds, keyword)  # enhanced MR moves these into functional groups
-    ds.EchoPulseSequence = "GRADIENT"
-    ds.InstanceNumber = 1
-    ds.Rows, ds.Columns = rows, cols
-    ds.NumberOfFrames = len(cells)
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = list(pixel_spacing)
-    measures.SliceThickness = slice_gap_mm
-    shared.PixelMeasuresSequence = Sequence([measures])
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = list(iop)
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    echo = Dataset()
-    echo.EffectiveEchoTime = 1.4
-    shared.MREchoSequence = Sequence([echo])
+    ds, shared = _enhanced_mr(study_uid=study_uid, series_uid=series_uid, sop=sop, series_number=7, rows=rows,
+                              cols=cols, n_frames=len(cells), iop=iop, pixel_spacing=pixel_spacing,
+                              slice_gap_mm=slice_gap_mm, echo_time_ms=1.4)
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     expected = np.zeros((cols, rows, n_slices, n_phases))
     sops = [[sop] * n_phases for _ in range(n_slices)]
     per_frame, blocks = [], []
     for k, p in cells:
-        item = Dataset()
-        position = Dataset()
-        position.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
-        item.PlanePositionSequence = Sequence([position])
-        cardiac = Dataset()
-        cardiac.NominalCardiacTriggerDelayTime = times[p]
-        item.CardiacSynchronizationSequence = Sequence([cardiac])
-        content = Dataset()
-        content.TemporalPositionIndex = p + 1
-        item.FrameContentSequence = Sequence([content])
+        item = _frame_group(positions[k], times[p], p + 1)
         rescale = Dataset()
         rescale.RescaleSlope = slope
         rescale.RescaleIntercept = intercept
@@ -292,26 +310,9 @@ def write_enhanced_ir_stack(path: Path, *, study_uid: str, n_slices: int = 6, ro
     series_uid, sop = generate_uid(), generate_uid()
     normal = slice_normal(iop)
     positions = [np.asarray(origin, float) + k * slice_gap_mm * normal for k in range(n_slices)]
-    ds = base_dataset(study_uid=study_uid, series_uid=series_uid, sop_uid=sop,
-                      sop_class=ENHANCED_MR_IMAGE_STORAGE, series_number=series_number,
-                      description="", scanning_sequence="GR")
-    for keyword in ("ScanningSequence", "SequenceVariant", "EchoTime", "RepetitionTime"):
-        delattr(ds, keyword)  # enhanced MR moves these into functional groups
-    ds.EchoPulseSequence = "GRADIENT"
-    ds.InstanceNumber = 1
-    ds.Rows, ds.Columns = rows, cols
-    ds.NumberOfFrames = n_slices
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = list(pixel_spacing)
-    measures.SliceThickness = slice_gap_mm
-    shared.PixelMeasuresSequence = Sequence([measures])
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = list(iop)
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    echo = Dataset()
-    echo.EffectiveEchoTime = 1.9
-    shared.MREchoSequence = Sequence([echo])
+    ds, shared = _enhanced_mr(study_uid=study_uid, series_uid=series_uid, sop=sop, series_number=series_number,
+                              rows=rows, cols=cols, n_frames=n_slices, iop=iop, pixel_spacing=pixel_spacing,
+                              slice_gap_mm=slice_gap_mm, echo_time_ms=1.9)
     timing = Dataset()
     timing.RepetitionTime = 650.0
     shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
@@ -324,18 +325,7 @@ def write_enhanced_ir_stack(path: Path, *, study_uid: str, n_slices: int = 6, ro
     expected = np.zeros((cols, rows, n_slices, 1))
     per_frame, blocks = [], []
     for k in range(n_slices):
-        item = Dataset()
-        position = Dataset()
-        position.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
-        item.PlanePositionSequence = Sequence([position])
-        cardiac = Dataset()
-        cardiac.NominalCardiacTriggerDelayTime = trigger_delay_ms
-        item.CardiacSynchronizationSequence = Sequence([cardiac])
-        content = Dataset()
-        content.TemporalPositionIndex = 1
-        content.InStackPositionNumber = k + 1
-        item.FrameContentSequence = Sequence([content])
-        per_frame.append(item)
+        per_frame.append(_frame_group(positions[k], trigger_delay_ms, 1, in_stack=k + 1))
         pixels = pixel_block(seed * 7919 + k * 101, rows, cols)
         blocks.append(pixels)
         expected[:, :, k, 0] = pixels.T

@@ -189,16 +189,20 @@ def _profile_classes():
             self.UNet_max_features_2d = 128
             self.UNet_max_features_3d = 128
 
-    class ReducedTrainer(nnUNetTrainer):
-        """Stock trainer (network, loss, augmentation, poly LR) with a short schedule."""
+    class ScheduledTrainer(nnUNetTrainer):
+        """Stock trainer (network, Dice + CE loss, deep supervision, augmentation, SGD poly LR) on the
+        schedule its subclass names."""
+        EPOCHS, ITERATIONS, VAL_ITERATIONS, SAVE_EVERY = 1000, 250, 50, 50  # nnU-Net's own
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = REDUCED_EPOCHS
-            self.num_iterations_per_epoch = REDUCED_ITERATIONS
-            self.num_val_iterations_per_epoch = 2
-            self.save_every = 5  # checkpoint_latest often enough to resume
+            self.num_epochs, self.num_iterations_per_epoch = self.EPOCHS, self.ITERATIONS
+            self.num_val_iterations_per_epoch, self.save_every = self.VAL_ITERATIONS, self.SAVE_EVERY
+
+    class ReducedTrainer(ScheduledTrainer):
+        """A short schedule, checkpoint_latest often enough to resume."""
+        EPOCHS, ITERATIONS, VAL_ITERATIONS, SAVE_EVERY = REDUCED_EPOCHS, REDUCED_ITERATIONS, 2, 5
 
     class CpuPlanner(ExperimentPlanner):
         """Stock planning (spacing, normalisation, topology rules) with a CPU-sized network, an in-plane
@@ -222,17 +226,13 @@ def _profile_classes():
                 plan["batch_size"] = CPU_BATCH
             return plan
 
-    class CpuTrainer(nnUNetTrainer):
-        """Stock trainer (network, Dice + CE loss, deep supervision, augmentation, SGD poly LR) on a CPU
-        schedule: CPU_EPOCHS x CPU_ITERATIONS, a checkpoint every epoch, torch on 2 threads."""
+    class CpuTrainer(ScheduledTrainer):
+        """The CPU schedule: CPU_EPOCHS x CPU_ITERATIONS, a checkpoint every epoch, torch on 2 threads."""
+        EPOCHS, ITERATIONS, VAL_ITERATIONS, SAVE_EVERY = CPU_EPOCHS, CPU_ITERATIONS, 4, 1
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = CPU_EPOCHS
-            self.num_iterations_per_epoch = CPU_ITERATIONS
-            self.num_val_iterations_per_epoch = 4
-            self.save_every = 1
             if device.type == "cpu":
                 torch.set_num_threads(min(2, torch.get_num_threads()))
 
