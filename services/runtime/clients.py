@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -17,9 +18,30 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 MAX_BACKOFF_S = 30.0
 
 
+# Spread calls over every address the target resolves to (a headless Service's pods behind
+# `dns:///`, or an `ipv4:a:p,b:p` list), instead of gRPC's default pick_first, which sends every
+# call to the first address over one HTTP/2 connection.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# Keepalive pings find a dead connection (a pod gone without a FIN, a dropped NAT entry) during a
+# long stage call or an idle watch. The servers accept pings this often (server.py
+# MIN_CLIENT_PING_INTERVAL_MS, which must stay below this), or they answer GOAWAY too_many_pings.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
 def open_channel(target: str, max_message_mb: int = 64, tls_root: bytes | None = None) -> grpc.Channel:
+    """A channel to `target`: `host:port`, `dns:///host:port` or `ipv4:a:p,b:p` (calls go round
+    robin over all the addresses), with keepalive and message-size limits."""
     max_bytes = max_message_mb * 1024 * 1024
-    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+    options = [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging through a long call without data
+    ]
     if tls_root is not None:
         return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_root), options=options)
     return grpc.insecure_channel(target, options=options)

@@ -33,6 +33,27 @@ class ServiceSpec:
     on_stop: Callable[[], None] | None = None
 
 
+# Clients (clients.py open_channel) ping every KEEPALIVE_TIME_MS, also between calls: accept
+# that (gRPC's server default allows one ping per 5 minutes without data and answers more with
+# GOAWAY too_many_pings, dropping the connection and any call on it).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+# Close each connection after about this long (gRPC adds jitter), so that clients resolve a
+# `dns:///` target again and spread onto replicas added since; calls in flight run to their end
+# on the old connection (max_connection_age_grace_ms left at its default: unlimited).
+MAX_CONNECTION_AGE_MS = 300_000
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        # The server's own pings find clients that vanished (their calls are then cancelled).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+    ]
+
+
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
@@ -128,6 +149,7 @@ def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 0),
+            *keepalive_options(),
         ],
     )
     spec.register(server)

@@ -4,12 +4,36 @@ A bad value fails at start-up with one message naming the variable, never later 
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SettingsError(ValueError):
     """Raised with a readable list of the offending CMRVL_* variables."""
+
+
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"  # a DNS name or an IPv4 address
+_PORT = r"(?:[1-9][0-9]{0,4})"
+_V6 = r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?\]"
+GRPC_TARGET_FORMS = {
+    "host:port": re.compile(rf"(?:{_HOST}|{_V6}):{_PORT}"),
+    "dns:///host:port": re.compile(rf"dns://(?:{_HOST}(?::{_PORT})?)?/{_HOST}:{_PORT}"),
+    "ipv4:a:port,b:port": re.compile(rf"ipv4:{_HOST}:{_PORT}(?:,{_HOST}:{_PORT})*"),
+    "ipv6:[a]:port,[b]:port": re.compile(rf"ipv6:{_V6}:{_PORT}(?:,{_V6}:{_PORT})*"),
+}
+
+
+def check_grpc_target(value: str) -> str:
+    """A gRPC target the stage channels accept (clients.open_channel spreads calls over all of
+    its addresses), or ValueError naming the accepted forms."""
+    value = value.strip()
+    form = next((f for f, pattern in GRPC_TARGET_FORMS.items() if pattern.fullmatch(value)), None)
+    ports = re.findall(r":([0-9]+)(?:,|$)", value)
+    if form is None or not all(int(p) <= 65535 for p in ports):
+        raise ValueError(f"{value!r} is not a gRPC target: use " + " or ".join(GRPC_TARGET_FORMS))
+    return value
 
 
 class Settings(BaseSettings):
@@ -96,6 +120,11 @@ class Settings(BaseSettings):
         if value:
             parse_target(value)  # its ValueError names the expected form
         return value
+
+    @field_validator("preprocess_target", "segmentation_target", "findings_target")
+    @classmethod
+    def _grpc_target(cls, value: str) -> str:
+        return check_grpc_target(value)
 
     @property
     def accepted_tokens(self) -> frozenset[str]:
