@@ -271,6 +271,26 @@ def test_sr_leaves_out_null_values(study):
     assert set(structure_groups(partial)) == {"LV cavity at ED", "LV cavity at ES", "LV myocardium at ED"}
 
 
+def test_es_not_measurable_gives_the_ed_seg_alone_and_an_sr_of_the_ed_values(study):
+    """Every phase labelled (as the service segments the whole cine) but no ES: one SEG, at ED,
+    not one per labelled phase, and the SR groups only ED structures."""
+    import highdicom as hd
+
+    from services.gateway.dicom_sr import build_sr, read_sr_measurements
+    from services.segmentation.dicom_seg import build_segs
+    from services.segmentation.function import INDEXED_KEYS, NEEDS_ES
+
+    labels = np.repeat(study.labels[..., study.ed:study.ed + 1], study.labels.shape[-1], axis=-1)
+    unmeasured = {"es_phase", *NEEDS_ES, *(k for k, source in INDEXED_KEYS.items() if source in NEEDS_ES)}
+    measurements = {k: (None if k in unmeasured else v) for k, v in study.measurements.items()}
+    segs = build_segs(STUDY, study.manifest, labels, MODEL, measurements=measurements)
+    assert list(segs) == [study.ed]
+    report = dict(study.report, measurements={k: measurements[k] for k in study.report["measurements"]})
+    sr = hd.sr.Comprehensive3DSR.from_dataset(build_sr(segs, study.headers, report))
+    assert set(structure_groups(sr)) == {"LV cavity at ED", "LV myocardium at ED", "RV cavity at ED"}
+    assert "lv_ef_pct" not in read_sr_measurements(sr) and "lv_edv_ml" in read_sr_measurements(sr)
+
+
 def test_sr_uids_are_deterministic(study, sr):
     from services.gateway.dicom_sr import build_sr
 
@@ -291,3 +311,6 @@ def test_default_phases_are_ed_es_or_the_labelled_ones(study):
     one[1, 2, 0, 3] = 2
     assert default_phases(one) == [3]
     assert default_phases(one, {"ed_phase": 3, "es_phase": 3}) == [3]
+    # ES not measurable (no complete phase for it): ED alone, not a SEG for every labelled phase
+    every = np.ones((4, 4, 2, 5), np.uint8)
+    assert default_phases(every, {"ed_phase": 1, "es_phase": None}) == [1]

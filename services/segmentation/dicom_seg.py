@@ -257,9 +257,11 @@ def _check_labels(labels_4d: np.ndarray, entry: dict) -> np.ndarray:
 
 
 def default_phases(labels: np.ndarray, measurements: Mapping | None = None) -> list[int]:
-    """ED and ES from the measurements, else every phase that holds a label (in order)."""
-    if measurements and measurements.get("ed_phase") is not None and measurements.get("es_phase") is not None:
-        return list(dict.fromkeys([int(measurements["ed_phase"]), int(measurements["es_phase"])]))
+    """ED and ES from the measurements (ED alone when ES could not be measured: the report says
+    why), else every phase that holds a label (in order)."""
+    if measurements and measurements.get("ed_phase") is not None:
+        chosen = [measurements["ed_phase"], measurements.get("es_phase")]
+        return list(dict.fromkeys(int(t) for t in chosen if t is not None))
     return [int(t) for t in np.flatnonzero(labels.reshape(-1, labels.shape[-1]).any(axis=0))]
 
 
