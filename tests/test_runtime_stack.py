@@ -118,3 +118,43 @@ def test_cmrvl_up_and_down_refuse_with_one_line(tmp_path):
         assert broken.returncode == 1
         assert len(broken.stderr.strip().splitlines()) == 1 and "Traceback" not in broken.stderr, broken.stderr
         assert "is not a stack's state" in broken.stderr
+
+
+def test_cmrvl_up_refuses_bad_replicas_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for value, message in (
+        ("gateway=2", "cannot run replicas of 'gateway': only preprocess, segmentation, findings can"),
+        ("segmentation", "--replicas 'segmentation': expected STAGE=N, e.g. segmentation=2"),
+        ("segmentation=0", "replicas of segmentation must be a whole number of at least 1, not 0"),
+        ("segmentation=5,findings=3", "6 replicas beyond the first of each stage asked for"),
+    ):
+        # An out-of-range base port too, so that nothing could start if the replicas passed.
+        result = subprocess.run([sys.executable, "-m", "services", "up", "--replicas", value, "--base-port", "60000",
+                                 "--stack-dir", str(tmp_path / "stack")],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cmrvl up: error: ") and message in lines[0], result.stderr
+        assert not (tmp_path / "stack" / "stack.json").exists()  # nothing was started
+
+
+def test_replica_ports_stay_in_the_checked_range_and_the_default_stack_is_unchanged():
+    from services.runtime.stack import GRPC_OFFSETS, STAGES, StackInfo, _ports, check_replicas
+
+    base = 20000
+    default = StackInfo(base, "a", "s", "r", "i")
+    assert default.processes() == list(STAGES)
+    for service, offset in GRPC_OFFSETS.items():
+        assert default.target(service) == f"127.0.0.1:{base + offset}"
+        assert default.metrics_port(service) == base + 10 + offset
+    scaled = StackInfo(base, "a", "s", "r", "i", replicas=check_replicas({"segmentation": 3, "findings": 2, "preprocess": 2}))
+    ports = [p for name in scaled.processes() for p in (scaled.grpc_port(name), scaled.metrics_port(name))]
+    assert len(set(ports)) == len(ports)  # every process on its own ports
+    assert set(ports) <= set(_ports(base)) - {base + 20 + i for i in range(20)}  # free_base_port checks them; not S3's
+    assert scaled.target("segmentation").startswith("ipv4:") and scaled.target("segmentation").count(",") == 2
+    assert {n: scaled.service_env(n)["CMRVL_GRPC_PORT"] for n in ("segmentation-2", "segmentation-3")} == \
+        {"segmentation-2": str(base + 6), "segmentation-3": str(base + 7)}  # preprocess-2 has +5

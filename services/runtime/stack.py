@@ -6,7 +6,12 @@ logs) lives in one folder, `~/.cmrvl/stack` unless CMRVL_STACK_DIR says otherwis
 
 Ports are offsets from one base (default 50050), so several stacks (tests, a developer's) can run
 side by side: gateway base+1, preprocess +2, segmentation +3, findings +4, metrics +11..+14,
-S3 +20, and SeaweedFS's internal ports +21..+39."""
+S3 +20, and SeaweedFS's internal ports +21..+39.
+
+A stage can run as several replicas (`cmrvl up --replicas segmentation=2`), as its Deployment
+does in the cluster: the first keeps the stage's ports, the others take +5..+9 (metrics +15..+19)
+in order, and the gateway gets every replica's address in one target
+(`ipv4:127.0.0.1:P1,127.0.0.1:P2`), over which its channel spreads the calls round robin."""
 
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from pathlib import Path
 
 STAGES = ("preprocess", "segmentation", "findings", "gateway")  # start order: gateway last
 GRPC_OFFSETS = {"gateway": 1, "preprocess": 2, "segmentation": 3, "findings": 4}
+METRICS_OFFSET = 10  # a process's Prometheus port: its gRPC port + 10
+EXTRA_REPLICA_OFFSETS = (5, 6, 7, 8, 9)  # gRPC ports of the stages' second and further replicas
+# The gateway stays one process here: its workflow owns each study's record.
+REPLICATED = ("preprocess", "segmentation", "findings")
 S3_OFFSET = 20
 DEFAULT_BASE = 50050
 HIGHEST_OFFSET = 24 + 10000  # weed mini's admin gRPC port
@@ -44,20 +53,49 @@ class StackInfo:
     internal_token: str
     pids: dict[str, int] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)  # CMRVL_* overrides for every service
+    replicas: dict[str, int] = field(default_factory=dict)  # stage -> processes, where more than 1
 
     @property
     def s3_endpoint(self) -> str:
         return f"127.0.0.1:{self.base_port + S3_OFFSET}"
 
-    def target(self, service: str) -> str:
-        return f"127.0.0.1:{self.base_port + GRPC_OFFSETS[service]}"
+    def replica_names(self, service: str) -> list[str]:
+        """The processes of one service: `segmentation`, then `segmentation-2`, ..."""
+        return [service] + [f"{service}-{n}" for n in range(2, self.replicas.get(service, 1) + 1)]
 
-    def service_env(self, service: str) -> dict[str, str]:
-        """The CMRVL_* environment one service of this stack runs with."""
+    def processes(self) -> list[str]:
+        """Every service process of this stack, in start order (gateway last)."""
+        return [name for service in STAGES for name in self.replica_names(service)]
+
+    def grpc_port(self, name: str) -> int:
+        """The gRPC port of one process (`segmentation`, `segmentation-2`)."""
+        if name in GRPC_OFFSETS:
+            return self.base_port + GRPC_OFFSETS[name]
+        extra = [n for n in self.processes() if n not in GRPC_OFFSETS]
+        if name not in extra:
+            raise KeyError(f"no process {name!r} in this stack")
+        return self.base_port + EXTRA_REPLICA_OFFSETS[extra.index(name)]
+
+    def metrics_port(self, name: str) -> int:
+        return self.grpc_port(name) + METRICS_OFFSET
+
+    def address(self, name: str) -> str:
+        """host:port of one process."""
+        return f"127.0.0.1:{self.grpc_port(name)}"
+
+    def target(self, service: str) -> str:
+        """The gRPC target of a service: all its replicas' addresses (clients spread over them)."""
+        ports = [self.grpc_port(name) for name in self.replica_names(service)]
+        if len(ports) == 1:
+            return f"127.0.0.1:{ports[0]}"
+        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+    def service_env(self, name: str) -> dict[str, str]:
+        """The CMRVL_* environment one service process of this stack runs with."""
         env = {
             "CMRVL_GRPC_HOST": "127.0.0.1",
-            "CMRVL_GRPC_PORT": str(self.base_port + GRPC_OFFSETS[service]),
-            "CMRVL_METRICS_PORT": str(self.base_port + 10 + GRPC_OFFSETS[service]),
+            "CMRVL_GRPC_PORT": str(self.grpc_port(name)),
+            "CMRVL_METRICS_PORT": str(self.metrics_port(name)),
             "CMRVL_S3_ENDPOINT": self.s3_endpoint,
             "CMRVL_S3_ACCESS_KEY": self.access_key,
             "CMRVL_S3_SECRET_KEY": self.secret_key,
@@ -66,9 +104,31 @@ class StackInfo:
             "CMRVL_SEGMENTATION_TARGET": self.target("segmentation"),
             "CMRVL_FINDINGS_TARGET": self.target("findings"),
         }
-        if service == "gateway":
+        if name == "gateway":
             env["CMRVL_AUTH_TOKENS"] = self.ris_token
+            env["CMRVL_GATEWAY_REPLICA"] = name  # stable over restarts, as a pod name is
         return env
+
+
+def service_of(name: str) -> str:
+    """The service a process runs: `segmentation-2` -> `segmentation`."""
+    base, _, number = name.rpartition("-")
+    return base if number.isdigit() and base in GRPC_OFFSETS else name
+
+
+def check_replicas(replicas: dict[str, int]) -> dict[str, int]:
+    """The replica counts `up` can start (only those above 1 kept), or ValueError saying why."""
+    for service, count in replicas.items():
+        if service not in REPLICATED:
+            raise ValueError(f"cannot run replicas of {service!r}: only {', '.join(REPLICATED)} can "
+                             "(the local stack runs one gateway)")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"replicas of {service} must be a whole number of at least 1, not {count!r}")
+    extra = sum(count - 1 for count in replicas.values())
+    if extra > len(EXTRA_REPLICA_OFFSETS):
+        raise ValueError(f"{extra} replicas beyond the first of each stage asked for; the stack's port "
+                         f"range has room for {len(EXTRA_REPLICA_OFFSETS)}")
+    return {service: count for service, count in replicas.items() if count > 1}
 
 
 def _weed_command(info: StackInfo, data_dir: Path, s3_config: Path) -> list[str]:
@@ -178,16 +238,20 @@ class Stack:
 
     def running(self) -> bool:
         info = self.info()
-        return bool(info and set(info.pids) == {"s3", *STAGES} and all(_alive(p) for p in info.pids.values()))
+        return bool(info and set(info.pids) == {"s3", *info.processes()} and all(_alive(p) for p in info.pids.values()))
 
-    def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None) -> StackInfo:
-        """Start the stack; a stack already running is returned as it is, and one that is partly
-        running (a process died or was stopped) gets what is missing started again."""
-        if self.running():
-            return self.info()
+    def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None,
+           replicas: dict[str, int] | None = None) -> StackInfo:
+        """Start the stack, each stage as `replicas[stage]` processes (default 1); a stack already
+        running is returned as it is, and one that is partly running (a process died or was
+        stopped) gets what is missing started again."""
+        wanted = None if replicas is None else check_replicas(replicas)
         previous = self.info()
         if previous and any(_alive(p) for p in previous.pids.values()):
-            return self._restart_missing(previous, timeout_s)
+            if wanted is not None and wanted != previous.replicas:
+                raise RuntimeError(f"the stack in {self.dir} runs with replicas {previous.replicas or 'of 1'}; "
+                                   "run `cmrvl down` first to change them")
+            return previous if self.running() else self._restart_missing(previous, timeout_s)
         check_base_port(base_port)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
@@ -199,6 +263,7 @@ class Stack:
             ris_token=previous.ris_token if previous else secrets.token_urlsafe(24),
             internal_token=previous.internal_token if previous else secrets.token_urlsafe(24),
             extra_env=dict(extra_env or {}),
+            replicas=wanted or {},
         )
         busy = [port for port in _ports(info.base_port) if _port_open(port)]
         if busy:
@@ -216,10 +281,10 @@ class Stack:
             self._write(info)
             self._wait_port(info, "s3", info.base_port + S3_OFFSET, timeout_s)
             self._ensure_buckets(info, timeout_s)
-            for service in STAGES:
-                self._spawn_service(info, service)
-            for service in STAGES:
-                self._wait_healthy(info, service, timeout_s)
+            for name in info.processes():
+                self._spawn_service(info, name)
+            for name in info.processes():
+                self._wait_healthy(info, name, timeout_s)
         except BaseException:
             self.down()
             raise
@@ -237,33 +302,35 @@ class Stack:
             self._write(info)
             self._wait_port(info, "s3", port, timeout_s)
             self._ensure_buckets(info, timeout_s)
-        missing = [service for service in STAGES if service not in info.pids]
-        for service in missing:
-            port = info.base_port + GRPC_OFFSETS[service]
+        missing = [name for name in info.processes() if name not in info.pids]
+        for name in missing:
+            port = info.grpc_port(name)
             if _port_open(port):
-                raise RuntimeError(f"the stack's {service} port {port} is taken by another process")
-            self._spawn_service(info, service)
-        for service in missing:
-            self._wait_healthy(info, service, timeout_s)
+                raise RuntimeError(f"the stack's {name} port {port} is taken by another process")
+            self._spawn_service(info, name)
+        for name in missing:
+            self._wait_healthy(info, name, timeout_s)
         return info
 
-    def start_service(self, service: str, timeout_s: float = 60.0) -> None:
-        """(Re)start one service of a running stack, e.g. after `stop_service`."""
+    def start_service(self, name: str, timeout_s: float = 60.0) -> None:
+        """(Re)start one service process of a running stack (`segmentation`, `segmentation-2`),
+        e.g. after `stop_service`."""
         info = self.info()
-        self._spawn_service(info, service)
-        self._wait_healthy(info, service, timeout_s)
+        self._spawn_service(info, name)
+        self._wait_healthy(info, name, timeout_s)
 
-    def stop_service(self, service: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
-        """Stop one service: SIGTERM drains gracefully, SIGKILL simulates a crash."""
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Stop one process (a service replica or `s3`): SIGTERM drains gracefully, SIGKILL
+        simulates a crash."""
         info = self.info()
-        pid = info.pids.pop(service)
+        pid = info.pids.pop(name)
         _terminate(pid, sig, timeout_s)
         self._write(info)
 
-    def _spawn_service(self, info: StackInfo, service: str) -> None:
-        env = {**info.service_env(service), **info.extra_env}
-        command = [sys.executable, "-m", "services", "serve", service]
-        info.pids[service] = self._spawn(service, command, env)
+    def _spawn_service(self, info: StackInfo, name: str) -> None:
+        env = {**info.service_env(name), **info.extra_env}
+        command = [sys.executable, "-m", "services", "serve", service_of(name)]
+        info.pids[name] = self._spawn(name, command, env)
         self._write(info)
 
     def down(self, timeout_s: float = 30.0) -> None:
@@ -271,7 +338,7 @@ class Stack:
         if info is None:
             return
         # Gateway first, so no new work reaches the stages; S3 last.
-        order = [s for s in ("gateway", "preprocess", "segmentation", "findings", "s3") if s in info.pids]
+        order = sorted(info.pids, key=lambda name: (name != "gateway", name == "s3"))
         for name in order:
             _terminate(info.pids[name], signal.SIGTERM, timeout_s)
         info.pids = {}
@@ -321,16 +388,16 @@ class Stack:
                     raise
                 time.sleep(0.5)
 
-    def _wait_healthy(self, info: StackInfo, service: str, timeout_s: float) -> None:
+    def _wait_healthy(self, info: StackInfo, name: str, timeout_s: float) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(info.target(service)) as channel:
+        with grpc.insecure_channel(info.address(name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                if not _alive(info.pids[service]):
-                    raise RuntimeError(f"{service} exited during start-up; see {self.dir / 'logs' / (service + '.log')}")
+                if not _alive(info.pids[name]):
+                    raise RuntimeError(f"{name} exited during start-up; see {self.dir / 'logs' / (name + '.log')}")
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -338,5 +405,5 @@ class Stack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{service} not healthy within {timeout_s:.0f}s")
+                    raise TimeoutError(f"{name} not healthy within {timeout_s:.0f}s")
                 time.sleep(0.2)
