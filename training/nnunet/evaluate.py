@@ -19,6 +19,7 @@ held-out fifth recorded in the dataset's dataset.json). Run standalone:
 
     python -m training.nnunet.evaluate --model LAYOUT --dataset STAGED_DATASET --held-out [--no-mirroring]
         [--out evaluation.json]
+    python -m training.nnunet.evaluate --model LAYOUT --sunnybrook ../shared/data/sunnybrook --out sunnybrook.json
 """
 
 from __future__ import annotations
@@ -215,13 +216,57 @@ def held_out_cases(staged_dataset: str | Path) -> list[str]:
                   if p.name[: -len(ending)].rsplit("_", 1)[0] in patients)
 
 
+def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_mirroring: bool | None = None,
+                        threads: int = 2) -> dict:
+    """A model on the (unseen, GE) Sunnybrook study as the service runs it: Dice against the expert
+    LV contours at the expert ED/ES phases on the drawn slices; LV volumes on those slices, model
+    and expert; the whole cine measured as the service measures it (ED/ES from the volume curve,
+    all slices, RV included; Sunnybrook has no RV reference); seconds per whole cine."""
+    import time
+
+    from services.segmentation.function import measure_labels
+    from services.segmentation.inference import load_segmenter
+    from training.nnunet.sunnybrook import find_cases, load_case
+
+    (study_id, case_id, dicom_dir, contour_dir), *_ = find_cases(sunnybrook_root)
+    case = load_case(dicom_dir, contour_dir, study_id, case_id)
+    segmenter = load_segmenter(model_dir, use_mirroring=use_mirroring, threads=threads)
+    segmenter.segment_volume(case.study.image[..., 0], case.study.affine)  # warm-up, not timed
+    start = time.perf_counter()
+    labels = segmenter.segment_cine(case.study.image, case.study.affine)
+    result = {"study": study_id, "case": case_id, "seconds_per_cine": round(time.perf_counter() - start, 2),
+              "shape": list(case.study.image.shape), "mirroring": segmenter.predictor.use_mirroring,
+              "ed_phase": case.ed_phase, "es_phase": case.es_phase}
+    for phase, frame in (("ed", case.ed_phase), ("es", case.es_phase)):
+        drawn = case.contoured_slices[phase]
+        result[f"dice_lv_{phase}"] = dice(labels[..., drawn, frame] == 1, case.labels[phase][..., drawn] == 1)
+    drawn = case.contoured_slices["ed"]
+    result["dice_myo_ed"] = dice(labels[..., drawn, case.ed_phase] == 2, case.labels["ed"][..., drawn] == 2)
+
+    def on_drawn_slices(volume: np.ndarray) -> np.ndarray:
+        return np.where(np.isin(np.arange(volume.shape[2]), drawn)[None, None, :], volume, 0)
+
+    keys = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "lv_mass_g")
+    model = measure_labels(np.stack([on_drawn_slices(labels[..., case.ed_phase]),
+                                     on_drawn_slices(labels[..., case.es_phase])], -1), case.study.affine,
+                           ed_phase=0, es_phase=1)
+    expert = measure_labels(np.stack([on_drawn_slices(case.labels["ed"]), on_drawn_slices(case.labels["es"])], -1),
+                            case.study.affine, ed_phase=0, es_phase=1)
+    result["drawn_slices_expert_phases"] = {k: {"model": model[k], "expert": expert[k]} for k in keys}
+    whole = measure_labels(labels, case.study.affine)
+    result["whole_cine_service"] = {k: whole.get(k) for k in (*keys, "rv_edv_ml", "rv_esv_ml", "rv_ef_pct",
+                                                              "ed_phase", "es_phase")}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Evaluate an exported model on a staged nnU-Net dataset")
     parser.add_argument("--model", required=True, help="model layout (repository or model folder)")
     parser.add_argument("--version", type=int, help="model version (default: the latest)")
-    parser.add_argument("--dataset", required=True, help="staged dataset folder (nnUNet_raw/DatasetNNN_X)")
+    parser.add_argument("--dataset", help="staged dataset folder (nnUNet_raw/DatasetNNN_X)")
+    parser.add_argument("--sunnybrook", help="instead: the Sunnybrook data folder (evaluate_sunnybrook)")
     parser.add_argument("--held-out", action="store_true", help="the held-out patients of dataset.json")
     parser.add_argument("--fold-dir", help="nnU-Net fold folder whose validation cases to use")
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring")
@@ -231,9 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     from services.segmentation.model_layout import latest_version, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
+    mirroring = False if args.no_mirroring else (True if args.mirroring else None)
+    if args.sunnybrook:
+        report = evaluate_sunnybrook(model_dir, args.sunnybrook, use_mirroring=mirroring)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        print(json.dumps(report, indent=1, default=float))
+        return 0
+    if not args.dataset:
+        parser.error("--dataset (or --sunnybrook) is required")
     version_dir = model_dir / str(args.version or latest_version(model_dir))
     cases = held_out_cases(args.dataset) if args.held_out else None
-    mirroring = False if args.no_mirroring else (True if args.mirroring else None)
     report = evaluate_exported(version_dir, args.dataset, Path(args.fold_dir) if args.fold_dir else None,
                                out=args.out, cases=cases, use_mirroring=mirroring,
                                note="held-out patients of the dataset (never trained on)" if args.held_out else None)
