@@ -81,7 +81,7 @@ def test_a_stopped_replica_is_started_again_by_up_on_its_own_port(replica_stack)
     old = info.pids["segmentation-2"]
     replica_stack.stop_service("segmentation-2", signal.SIGKILL)
     assert not replica_stack.running()
-    with pytest.raises(RuntimeError, match="run `cmrvl down` first"):
+    with pytest.raises(RuntimeError, match="running with --replicas segmentation=2; run `cmrvl down` first"):
         replica_stack.up(replicas={"segmentation": 3})  # a running stack keeps its replicas
     restarted = replica_stack.up()
     assert replica_stack.running()

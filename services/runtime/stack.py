@@ -249,8 +249,9 @@ class Stack:
         previous = self.info()
         if previous and any(_alive(p) for p in previous.pids.values()):
             if wanted is not None and wanted != previous.replicas:
-                raise RuntimeError(f"the stack in {self.dir} runs with replicas {previous.replicas or 'of 1'}; "
-                                   "run `cmrvl down` first to change them")
+                now = ",".join(f"{k}={v}" for k, v in previous.replicas.items())
+                now = f"with --replicas {now}" if now else "with one process per stage"
+                raise RuntimeError(f"the stack in {self.dir} is running {now}; run `cmrvl down` first to change that")
             return previous if self.running() else self._restart_missing(previous, timeout_s)
         check_base_port(base_port)
         self.dir.mkdir(parents=True, exist_ok=True)
