@@ -23,6 +23,7 @@ Report JSON:
 from __future__ import annotations
 
 import logging
+import threading
 
 from services.gateway.records import STAGES, now
 from services.runtime.storage import ObjectStore
@@ -186,6 +187,7 @@ class ReportBuilder:
     def __init__(self, store: ObjectStore, pacs_target: str = "", pacs_calling_aet: str = "CMRVL"):
         self.store = store
         self.pacs_target, self.pacs_calling_aet = pacs_target, pacs_calling_aet
+        self._sr_history_lock = threading.Lock()
 
     @staticmethod
     def warm_up() -> None:
@@ -249,9 +251,10 @@ class ReportBuilder:
         # Said once here, not per validator line: what of the source SR/SEG carry on as it is.
         report["quality"] += source_conformance(headers)
         study_uid = next(iter(segs.values())).StudyInstanceUID
-        history = self._sr_history(study_uid)
-        sr = build_sr(segs, headers, report, run=run, predecessors=_predecessors(history, run))
-        self._record_sr(study_uid, history, run, sr)
+        with self._sr_history_lock:  # read, build, record: two runs of one study must not drop each other's SR
+            history = self._sr_history(study_uid)
+            sr = build_sr(segs, headers, report, run=run, predecessors=_predecessors(history, run))
+            self._record_sr(study_uid, history, run, sr)
         ed, es = report["measurements"].get("ed_phase"), report["measurements"].get("es_phase")
 
         def seg_name(phase: int) -> str:  # `seg.dcm` is the end-diastolic one
@@ -268,7 +271,8 @@ class ReportBuilder:
 
     # Every SR written for a StudyInstanceUID, oldest first, so that a re-run's SR names the one it
     # replaces (PredecessorDocumentsSequence). Runs are different studies in this store (study_id is
-    # per submission) but one study in the PACS. The gateway is one replica: no concurrent writer.
+    # per submission) but one study in the PACS. Report stages run in parallel threads: the history is
+    # read and written under one lock (within this gateway process).
     def _sr_history_key(self, study_instance_uid: str) -> str:
         return f"sr-history/{study_instance_uid}.json"
 
