@@ -7,9 +7,11 @@ once per session.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import sys
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,22 @@ import chart_testlib as lib  # noqa: E402
 
 PROFILES = list(lib.PROFILES)
 STAGES = ["gateway", "preprocess", "segmentation", "findings"]
+DB = "StatefulSet/cmrvl-workflow-db"
 LONG_RUNNING = ("Deployment", "StatefulSet")
+
+
+def _grpc_services() -> dict[str, str]:
+    """The gRPC service each server registers (and reports SERVING for), from the protos."""
+    from cmrvl.v1 import stages_pb2, study_pb2
+
+    return {
+        "gateway": study_pb2.DESCRIPTOR.services_by_name["StudyService"].full_name,
+        **{s: stages_pb2.DESCRIPTOR.services_by_name[f"{s.capitalize()}Service"].full_name
+           for s in ("preprocess", "segmentation", "findings")},
+    }
+
+
+GRPC_SERVICES = _grpc_services()
 
 
 def containers_of(docs):
@@ -104,11 +121,18 @@ def test_grpc_services_probe_the_grpc_health_service(profile):
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["CMRVL_GRPC_HOST"] == "0.0.0.0" and env["CMRVL_GRPC_PORT"] == "50051"
         assert env["CMRVL_METRICS_PORT"] == "9090"
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if stage == "gateway" and tls:
+        ready, live = c["readinessProbe"], c["livenessProbe"]
+        if stage == "gateway" and tls:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert c[probe]["tcpSocket"]["port"] == "grpc"  # kubelet gRPC probes lack TLS
-            else:
-                assert c[probe]["grpc"]["port"] == 50051, (stage, probe)
+        else:
+            # Ready = the stage's own service is SERVING; alive = the server answers at all.
+            assert ready["grpc"] == {"port": 50051, "service": GRPC_SERVICES[stage]}, stage
+            assert c["startupProbe"]["grpc"] == ready["grpc"], stage
+            assert live["grpc"] == {"port": 50051, "service": ""}, stage
+        # Liveness waits longer than readiness before it acts (a restart costs in-flight calls).
+        assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"], stage
+        assert live["timeoutSeconds"] > ready["timeoutSeconds"], stage
         # Graceful shutdown fits in the termination grace period.
         grace = float(env["CMRVL_SHUTDOWN_GRACE_S"]) + c["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pod["terminationGracePeriodSeconds"] > grace
@@ -189,24 +213,45 @@ def _env(docs, stage):
     return {e["name"]: e for e in c["env"]}
 
 
-def _service_port(docs, host_port: str) -> int:
+def _service_port(docs, host_port: str, domain: str = "cluster.local") -> int:
     """Resolve host:port (short or cluster-local name) to a rendered Service's port."""
     host, port = host_port.rsplit(":", 1)
     name, _, rest = host.partition(".")
-    assert rest in ("", f"{lib.NAMESPACE}.svc.cluster.local"), host
+    assert rest in ("", f"{lib.NAMESPACE}.svc.{domain}"), host
     svc = lib.one(docs, "Service", name)
     ports = {p["port"] for p in svc["spec"]["ports"]}
     assert int(port) in ports, (host_port, ports)
     return int(port)
 
 
-def test_gateway_and_stages_point_at_real_services():
-    docs = lib.rendered("default")
+@pytest.mark.parametrize("domain", ["cluster.local", "k8s.hospital.internal"])
+def test_gateway_calls_every_stage_pod_through_a_headless_service(domain):
+    """Scaled-out stages: the gateway's targets are dns:/// names of headless Services (DNS
+    answers with each ready pod, the channel's round_robin spreads calls over them), in a form
+    the gateway's settings accept; the ClusterIP Services stay for everything else."""
+    from services.runtime.settings import Settings
+
+    docs = lib.rendered("default") if domain == "cluster.local" else lib.render_docs(sets=[f"clusterDomain={domain}"])
     env = _env(docs, "gateway")
+    pods = _pods(docs)
     for stage in ("preprocess", "segmentation", "findings"):
         target = env[f"CMRVL_{stage.upper()}_TARGET"]["value"]
-        assert _service_port(docs, target) == 50051
-        assert target.startswith(f"cmrvl-{stage}:")
+        assert target == f"dns:///cmrvl-{stage}-headless.{lib.NAMESPACE}.svc.{domain}:50051"
+        assert _service_port(docs, target.removeprefix("dns:///"), domain) == 50051
+        Settings(**{f"{stage}_target": target})  # the gateway starts with it
+        headless = lib.one(docs, "Service", f"cmrvl-{stage}-headless")["spec"]
+        assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
+        assert [w for w, labels, _ in pods if _selects({"matchLabels": headless["selector"]}, labels)] == [f"Deployment/cmrvl-{stage}"]
+        assert headless["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
+        assert "clusterIP" not in lib.one(docs, "Service", f"cmrvl-{stage}")["spec"]  # upgrade-safe
+    # Every in-cluster address follows clusterDomain.
+    assert _env(docs, "preprocess")["CMRVL_S3_ENDPOINT"]["value"].endswith(f".svc.{domain}:9000")
+    assert _env(docs, "segmentation")["CMRVL_TRITON_URL"]["value"].endswith(f".svc.{domain}:8001")
+    assert f".svc.{domain}/" in _env(docs, "findings")["CMRVL_VLM_BASE_URL"]["value"]
+
+
+def test_gateway_and_stages_point_at_real_services():
+    docs = lib.rendered("default")
     seg = _env(docs, "segmentation")
     assert _service_port(docs, seg["CMRVL_TRITON_URL"]["value"]) == 8001
     triton = lib.one(docs, "Deployment", "cmrvl-triton")["spec"]["template"]["spec"]["containers"][0]
@@ -265,6 +310,146 @@ def test_bucket_job_creates_the_four_buckets():
     assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
 
 
+# --- workflow database ---------------------------------------------------------------------
+
+
+def test_workflow_database_is_a_postgres_statefulset_only_the_gateway_uses():
+    docs = lib.rendered("default")
+    sts = lib.one(docs, "StatefulSet", "cmrvl-workflow-db")
+    assert sts["spec"]["replicas"] == 1  # one primary
+    pod = sts["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    repo, tag = c["image"].rsplit(":", 1)
+    assert repo == "docker.io/library/postgres" and re.fullmatch(r"\d+\.\d+-[a-z]+", tag), c["image"]
+    env = {e["name"]: e for e in c["env"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    # PGDATA lies on the claim template's persistent volume.
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    pgdata = env["PGDATA"]["value"]
+    assert [m["name"] for path, m in mounts.items() if pgdata.startswith(path + "/")] == [claim["metadata"]["name"]]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert "/var/run/postgresql" in mounts  # the socket folder, under a read-only root
+    # The credential: a file from the Secret the gateway's URL takes its password from.
+    assert "POSTGRES_PASSWORD" not in env
+    folder, key = env["POSTGRES_PASSWORD_FILE"]["value"].rsplit("/", 1)
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[folder]["name"])
+    gw_container = lib.one(docs, "Deployment", "cmrvl-gateway")["spec"]["template"]["spec"]["containers"][0]
+    gw = {e["name"]: e for e in gw_container["env"]}
+    ref = gw["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert volume["secret"]["secretName"] == ref["name"]
+    assert {"key": ref["key"], "path": key} in volume["secret"]["items"]
+    assert ref["key"] in lib.one(docs, "Secret", ref["name"])["data"]
+    # postgresql://<role>:$(PGPASSWORD)@<Service>:5432/<database>; the kubelet expands only
+    # variables defined before the one that refers to them.
+    names = [e["name"] for e in gw_container["env"]]
+    assert names.index("PGPASSWORD") < names.index("CMRVL_WORKFLOW_DATABASE_URL")
+    url = urlsplit(gw["CMRVL_WORKFLOW_DATABASE_URL"]["value"])
+    assert (url.scheme, url.username, url.password) == ("postgresql", env["POSTGRES_USER"]["value"], "$(PGPASSWORD)")
+    assert url.path == "/" + env["POSTGRES_DB"]["value"]
+    assert _service_port(docs, f"{url.hostname}:{url.port}") == 5432
+    svc = lib.one(docs, "Service", url.hostname.split(".")[0])
+    assert [w for w, labels, _ in _pods(docs) if _selects({"matchLabels": svc["spec"]["selector"]}, labels)] == ["StatefulSet/cmrvl-workflow-db"]
+    # Each replica names itself (the workflow engine's executor id) after its pod.
+    assert gw["CMRVL_GATEWAY_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # Ready = pg_isready for this role and database over TCP; alive = still listening, later.
+    ready, live = c["readinessProbe"], c["livenessProbe"]
+    command = ready["exec"]["command"]
+    assert command[0] == "pg_isready" and "--host=127.0.0.1" in command
+    assert f"--username={env['POSTGRES_USER']['value']}" in command and f"--dbname={env['POSTGRES_DB']['value']}" in command
+    assert c["startupProbe"]["exec"]["command"] == command
+    assert live["tcpSocket"]["port"] == "postgres" and "exec" not in live
+    assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
+    # A fast shutdown ends the gateway's sessions within the grace period (SIGTERM would wait for them).
+    stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert stop[:2] == ["pg_ctl", "stop"] and "--mode=fast" in stop and f"--pgdata={pgdata}" in stop
+    timeout = int(next(a for a in stop if a.startswith("--timeout=")).split("=")[1])
+    assert pod["terminationGracePeriodSeconds"] > timeout
+
+
+def test_workflow_database_external_or_refused():
+    docs = lib.render_docs(sets=["workflowDatabase.enabled=false", "workflowDatabase.external.existingSecret=db-url"])
+    assert not [d for d in docs if "workflow-db" in d["metadata"]["name"]]
+    gw = _env(docs, "gateway")
+    assert gw["CMRVL_WORKFLOW_DATABASE_URL"]["valueFrom"] == {"secretKeyRef": {"name": "db-url", "key": "url"}}
+    assert "PGPASSWORD" not in gw and "fieldRef" in gw["CMRVL_GATEWAY_REPLICA"]["valueFrom"]
+    # Neither: the replicas would have no shared database; one line says what to set.
+    proc = lib.helm(*lib.template_args([], ["workflowDatabase.enabled=false"]), check=False)
+    assert proc.returncode != 0
+    assert "workflowDatabase: set enabled=true (bundled Postgres) or external.existingSecret" in proc.stderr, proc.stderr
+
+
+# --- scheduling ----------------------------------------------------------------------------
+
+LOG_HEADROOM_MI = 512  # ephemeral-storage limit above the scratch volumes: the container's logs
+
+
+def _mi(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|Ti)", quantity).groups()
+    return float(number) * {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}[unit]
+
+
+def _pods_with_volumes(docs):
+    """(where, volumes, containers with resources) of every pod, the VLM predictor's included
+    (its volumes and container come from the ServingRuntime, its resources from the InferenceService)."""
+    for d in docs:
+        for where, _, spec in lib.pod_templates(d):
+            yield where, spec.get("volumes", []), spec["containers"]
+        if d["kind"] == "InferenceService":
+            runtime = lib.one(docs, "ServingRuntime", d["spec"]["predictor"]["model"]["runtime"])["spec"]
+            container = {**runtime["containers"][0], "resources": d["spec"]["predictor"]["model"]["resources"]}
+            yield f"InferenceService/{d['metadata']['name']}", runtime["volumes"], [container]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_ephemeral_storage_matches_the_scratch_volumes(profile):
+    """The scheduler reserves the local disk a pod's emptyDirs may fill: the container that
+    mounts them requests their summed sizeLimits (memory-backed ones count as memory)."""
+    checked = 0
+    for where, volumes, containers in _pods_with_volumes(lib.rendered(profile)):
+        disk = {v["name"]: _mi(v["emptyDir"]["sizeLimit"]) for v in volumes
+                if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        mounted = set()
+        for c in containers:
+            names = {m["name"] for m in c.get("volumeMounts", [])} & set(disk)
+            mounted |= names
+            requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+            if names:
+                want = sum(disk[n] for n in names)
+                assert _mi(requests["ephemeral-storage"]) == want, (where, c["name"])
+                assert _mi(limits["ephemeral-storage"]) == want + LOG_HEADROOM_MI, (where, c["name"])
+                checked += 1
+        assert mounted == set(disk), where
+    assert checked >= (9 if profile == "default" else 7)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_service_replicas_prefer_different_nodes(profile):
+    docs = lib.rendered(profile)
+    pods = _pods(docs)
+    for stage in STAGES:
+        spec = lib.one(docs, "Deployment", f"cmrvl-{stage}")["spec"]["template"]["spec"]
+        (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["weight"] == 100 and term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        (spread,) = spec["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+        # Preferred, not required: two replicas on a one-node cluster still schedule.
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+        for selector in (term["podAffinityTerm"]["labelSelector"], spread["labelSelector"]):
+            assert [w for w, labels, _ in pods if _selects(selector, labels)] == [f"Deployment/cmrvl-{stage}"]
+    if profile == "default":  # the gateway runs (at least) two replicas for the anti-affinity to spread
+        assert lib.one(docs, "HorizontalPodAutoscaler", "cmrvl-gateway")["spec"]["minReplicas"] >= 2
+
+
+def test_affinity_value_replaces_the_default_anti_affinity(tmp_path):
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
+    values = tmp_path / "affinity.json"
+    values.write_text(json.dumps({"gateway": {"affinity": affinity}}))
+    docs = lib.render_docs(values_files=[str(values)])
+    assert lib.one(docs, "Deployment", "cmrvl-gateway")["spec"]["template"]["spec"]["affinity"] == affinity
+    assert "podAntiAffinity" in lib.one(docs, "Deployment", "cmrvl-preprocess")["spec"]["template"]["spec"]["affinity"]
+
+
 def test_training_templates():
     docs = lib.rendered("training")
     rayjob = lib.one(docs, "RayJob", "cmrvl-vlm-sft")
@@ -303,9 +488,18 @@ def test_training_templates():
 # --- NetworkPolicies -----------------------------------------------------------------------
 
 
+def _ip(dst: str):
+    try:
+        return ipaddress.ip_address(dst)
+    except ValueError:
+        return None
+
+
 class Cluster:
     """Pods of a rendered profile plus pods outside the release, and the standard
-    NetworkPolicy semantics for ingress (additive allow rules; unselected pods are open)."""
+    NetworkPolicy semantics for ingress and egress (additive allow rules; a pod that no policy
+    of a direction selects is open in that direction). A destination is a pod, or an IP address
+    outside the cluster (which only ipBlock peers match)."""
 
     def __init__(self, docs):
         self.policies = lib.find(docs, "NetworkPolicy")
@@ -319,31 +513,60 @@ class Cluster:
         self.pods["ris"] = ("hospital", {"app": "ris"}, {})
         self.pods["prometheus"] = ("monitoring", {"app": "prometheus"}, {})
         self.pods["kuberay"] = ("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}, {})
-        self.pods["neighbour"] = (lib.NAMESPACE, {"app": "something-else"}, {})
+        self.pods["neighbour"] = (lib.NAMESPACE, {"app": "something-else"}, {"dns": 53})
+        self.pods["kube-dns"] = ("kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
+        self.pods["ml-triton"] = ("ml", {"app": "triton"}, {"grpc": 8001})
 
-    def allowed(self, src: str, dst: str, port: int) -> bool:
-        src_ns, src_labels, _ = self.pods[src]
-        dst_ns, dst_labels, dst_ports = self.pods[dst]
-        applying = [p for p in self.policies
-                    if p["metadata"]["namespace"] == dst_ns and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-                    and _selects(p["spec"]["podSelector"], dst_labels)]
-        if not applying:
+    def _applying(self, ns, labels, direction):
+        return [p for p in self.policies
+                if p["metadata"]["namespace"] == ns and direction in p["spec"].get("policyTypes", ["Ingress"])
+                and _selects(p["spec"]["podSelector"], labels)]
+
+    @staticmethod
+    def _peer_matches(peer, policy_ns, peer_pod, ip):
+        if "ipBlock" in peer:  # pod addresses are unknown here: an ipBlock stands for outside addresses
+            block = peer["ipBlock"]
+            return ip is not None and ip in ipaddress.ip_network(block["cidr"]) and not any(
+                ip in ipaddress.ip_network(e) for e in block.get("except", []))
+        if ip is not None:
+            return False
+        ns, labels, _ = peer_pod
+        ns_ok = (_selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns})
+                 if "namespaceSelector" in peer else ns == policy_ns)
+        pod_ok = _selects(peer["podSelector"], labels) if "podSelector" in peer else True
+        return ns_ok and pod_ok
+
+    def _open(self, policies, direction, port, protocol, dst_ports, peer_pod, ip):
+        if not policies:
             return True
-        for policy in applying:
-            for rule in policy["spec"].get("ingress", []):
-                rule_ports = [dst_ports.get(p["port"], p["port"]) for p in rule.get("ports", [])]
-                if rule_ports and port not in rule_ports:
+        key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        for policy in policies:
+            for rule in policy["spec"].get(key, []):
+                rule_ports = [(dst_ports.get(p["port"], p["port"]), p.get("protocol", "TCP")) for p in rule.get("ports", [])]
+                if rule_ports and (port, protocol) not in rule_ports:
                     continue
-                peers = rule.get("from")
-                if not peers:
+                peers = rule.get(peers_key)
+                if not peers or any(self._peer_matches(peer, policy["metadata"]["namespace"], peer_pod, ip) for peer in peers):
                     return True
-                for peer in peers:
-                    ns_ok = (_selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src_ns})
-                             if "namespaceSelector" in peer else src_ns == policy["metadata"]["namespace"])
-                    pod_ok = _selects(peer["podSelector"], src_labels) if "podSelector" in peer else True
-                    if "ipBlock" not in peer and ns_ok and pod_ok:
-                        return True
         return False
+
+    def egress_allowed(self, src: str, dst: str, port: int, protocol: str = "TCP") -> bool:
+        """Whether the source's egress policies let the packet out (its destination's ingress aside)."""
+        src_ns, src_labels, _ = self.pods[src]
+        ip = _ip(dst)
+        dst_pod = None if ip else self.pods[dst]
+        return self._open(self._applying(src_ns, src_labels, "Egress"), "Egress", port, protocol,
+                          dst_pod[2] if dst_pod else {}, dst_pod, ip)
+
+    def ingress_allowed(self, src: str, dst: str, port: int, protocol: str = "TCP") -> bool:
+        if _ip(dst):
+            return True  # outside the cluster
+        dst_ns, dst_labels, dst_ports = self.pods[dst]
+        return self._open(self._applying(dst_ns, dst_labels, "Ingress"), "Ingress", port, protocol,
+                          dst_ports, self.pods[src], None)
+
+    def allowed(self, src: str, dst: str, port: int, protocol: str = "TCP") -> bool:
+        return self.egress_allowed(src, dst, port, protocol) and self.ingress_allowed(src, dst, port, protocol)
 
 
 def test_network_policies_follow_the_call_graph():
@@ -361,18 +584,23 @@ def test_network_policies_follow_the_call_graph():
         for other in {pre, seg, fin, triton, minio} - {dst}:
             assert not c.allowed(other, dst, 50051), (other, dst)
     # Model servers only from their stage.
-    assert c.allowed(seg, triton, 8001) and c.allowed(seg, triton, 8000)
+    assert c.allowed(seg, triton, 8001) and c.ingress_allowed(seg, triton, 8000)
+    assert not c.egress_allowed(seg, triton, 8000)  # the service calls Triton over gRPC only
     assert c.allowed(fin, vlm, 8080)
     for other in (gw, pre, fin):
         assert not c.allowed(other, triton, 8001), other
     for other in (gw, pre, seg, triton):
         assert not c.allowed(other, vlm, 8080), other
-    # MinIO only from the platform's own pods.
+    # MinIO only from the platform's own pods (the workflow database does not use the store).
     platform = [p for p, (ns, labels, _) in c.pods.items() if labels.get("app.kubernetes.io/instance") == "cmrvl"]
-    assert len(platform) >= 8
+    assert len(platform) >= 9
     for src in platform:
-        assert c.allowed(src, minio, 9000), src
+        assert c.allowed(src, minio, 9000) == (src != DB), src
     assert not c.allowed("prometheus", minio, 9000)
+    # The workflow database only from the gateway.
+    for src in set(c.pods) - {gw, DB}:
+        assert not c.allowed(src, DB, 5432), src
+    assert c.allowed(gw, DB, 5432)
     # Metrics ports from the monitoring namespace, and nothing else from there.
     for dst, port in [(gw, 9090), (pre, 9090), (seg, 9090), (fin, 9090), (triton, 8002)]:
         assert c.allowed("prometheus", dst, port), dst
@@ -381,10 +609,13 @@ def test_network_policies_follow_the_call_graph():
     # A selector typo would leave a pod unselected (= open): every release pod is under the
     # default deny, and every pod that serves a port has its own allow policy.
     deny = lib.one(c.policies, "NetworkPolicy", "cmrvl-default-deny-ingress")
-    assert "ingress" not in deny["spec"]
+    deny_out = lib.one(c.policies, "NetworkPolicy", "cmrvl-default-deny-egress")
+    assert "ingress" not in deny["spec"] and "egress" not in deny_out["spec"]
+    assert deny_out["spec"]["policyTypes"] == ["Egress"]
     for name, (ns, labels, ports) in c.pods.items():
         if labels.get("app.kubernetes.io/instance") == "cmrvl":
             assert _selects(deny["spec"]["podSelector"], labels), name
+            assert _selects(deny_out["spec"]["podSelector"], labels), name
             if ports:
                 assert any(_selects(p["spec"]["podSelector"], labels) for p in c.policies if p is not deny), name
 
@@ -401,6 +632,88 @@ def test_network_policies_for_ray_training():
     assert c.allowed("Job/cmrvl-nnunet-train", "StatefulSet/cmrvl-minio", 9000)
 
 
+OUTSIDE = "203.0.113.7"  # an address on the internet
+
+
+def test_egress_is_denied_but_along_the_call_graph():
+    c = Cluster(lib.rendered("default"))
+    gw, pre, seg, fin = (f"Deployment/cmrvl-{s}" for s in STAGES)
+    triton, vlm, minio = "Deployment/cmrvl-triton", "InferenceService/cmr-vl", "StatefulSet/cmrvl-minio"
+    platform = [p for p, (ns, labels, _) in c.pods.items() if labels.get("app.kubernetes.io/instance") == "cmrvl"]
+    assert DB in platform and len(platform) >= 9
+    # Every pod resolves names through kube-dns, and reaches nothing outside (no PACS is set).
+    for src in platform:
+        assert c.allowed(src, "kube-dns", 53, "UDP") and c.allowed(src, "kube-dns", 53, "TCP"), src
+        assert not c.egress_allowed(src, "neighbour", 53, "UDP"), src
+        for port in (53, 80, 104, 443, 5432, 8001, 9000, 11112):
+            assert not c.egress_allowed(src, OUTSIDE, port), (src, port)
+    # Whom each pod may call (egress alone, so that ingress cannot hide a missing rule).
+    calls = {gw: {(pre, 50051), (seg, 50051), (fin, 50051), (DB, 5432), (minio, 9000)},
+             pre: {(minio, 9000)}, seg: {(triton, 8001), (minio, 9000)}, fin: {(vlm, 8080), (minio, 9000)},
+             triton: {(minio, 9000)}, vlm: {(minio, 9000)}, minio: {(minio, 9000)}, DB: set()}
+    targets = {t for called in calls.values() for t in called}
+    for src, allowed in calls.items():
+        for dst, port in targets:
+            assert c.egress_allowed(src, dst, port) == ((dst, port) in allowed), (src, dst, port)
+            if (dst, port) in allowed:
+                assert c.ingress_allowed(src, dst, port), (src, dst, port)
+    for job in ("Job/cmrvl-buckets",):
+        assert c.allowed(job, minio, 9000) and not c.egress_allowed(job, pre, 50051)
+    # The egress policies name their destination's own ports.
+    assert not c.egress_allowed(gw, pre, 9090) and not c.egress_allowed(seg, triton, 8002)
+
+
+def test_egress_to_endpoints_outside_the_release():
+    from chart_cases import EXTERNAL_SETS
+    from services.gateway.pacs import parse_target
+
+    docs = lib.render_docs(sets=EXTERNAL_SETS)
+    c = Cluster(docs)
+    gw, pre, seg, fin = (f"Deployment/cmrvl-{s}" for s in STAGES)
+    values = dict(s.split("=", 1) for s in EXTERNAL_SETS)
+    # Object store by IP address: that address on its port, for every store client.
+    for src in (gw, pre, seg, fin, "Job/cmrvl-buckets"):
+        assert c.allowed(src, "10.9.0.5", 9000), src
+        assert not c.egress_allowed(src, "10.9.0.6", 9000), src
+    # PACS by IP address: the gateway only, on the port the gateway's parser reads.
+    _, host, port = parse_target(values["gateway.pacsTarget"])
+    assert _env(docs, "gateway")["CMRVL_PACS_TARGET"]["value"] == values["gateway.pacsTarget"]
+    assert c.egress_allowed(gw, host, port)
+    assert not c.egress_allowed(gw, "10.1.2.4", port) and not c.egress_allowed(gw, host, 104)
+    for src in (pre, seg, fin):
+        assert not c.egress_allowed(src, host, port), src
+    # External workflow database: its CIDR on its port, the gateway only.
+    assert c.egress_allowed(gw, "10.20.3.4", 5432) and not c.egress_allowed(gw, "10.21.0.1", 5432)
+    assert not c.egress_allowed(seg, "10.20.3.4", 5432)
+    # Triton in another namespace (peers from values): segmentation only, nothing outside.
+    assert c.egress_allowed(seg, "ml-triton", 8001) and not c.egress_allowed(seg, OUTSIDE, 8001)
+    assert not c.egress_allowed(gw, "ml-triton", 8001) and not c.egress_allowed(fin, "ml-triton", 8001)
+    # The VLM by DNS name (policies cannot match names): its port, anywhere, findings only.
+    assert c.egress_allowed(fin, OUTSIDE, 8443) and not c.egress_allowed(fin, OUTSIDE, 443)
+    assert not c.egress_allowed(gw, OUTSIDE, 8443) and not c.egress_allowed(seg, OUTSIDE, 8443)
+    # Nothing of the bundled components is left to reach.
+    assert not lib.find(docs, "StatefulSet") and not lib.find(docs, "NetworkPolicy", "cmrvl-workflow-db")
+
+
+@pytest.mark.parametrize(("target", "inside", "outside"), [
+    ("PACS@[fd00::7]:104", "fd00::7", "fd00::8"),
+    ("ARCHIVE@pacs.hospital.org:11112", "198.51.100.20", None),  # a name: its port, anywhere
+])
+def test_pacs_egress_follows_the_target(target, inside, outside):
+    from services.gateway.pacs import parse_target
+
+    _, _, port = parse_target(target)
+    c = Cluster(lib.render_docs(sets=[f"gateway.pacsTarget={target}"]))
+    gw = "Deployment/cmrvl-gateway"
+    assert c.egress_allowed(gw, inside, port) and not c.egress_allowed(gw, inside, port + 1)
+    if outside:
+        assert not c.egress_allowed(gw, outside, port)
+    assert not c.egress_allowed("Deployment/cmrvl-findings", inside, port)
+    # Peers from values replace the address the target names.
+    c = Cluster(lib.render_docs(sets=[f"gateway.pacsTarget={target}", "networkPolicy.egress.pacsTo[0].ipBlock.cidr=192.0.2.0/24"]))
+    assert c.egress_allowed(gw, "192.0.2.9", port) and not c.egress_allowed(gw, inside, port)
+
+
 # --- secrets -------------------------------------------------------------------------------
 
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY)", re.I)
@@ -411,9 +724,16 @@ def test_secrets_come_from_secret_objects_only(profile):
     docs = lib.rendered(profile)
     secrets = {d["metadata"]["name"]: d for d in lib.find(docs, "Secret")}
     refs = 0
-    for where, _, _, c in containers_of(docs):
+    for where, _, spec, c in containers_of(docs):
         for e in c.get("env", []):
-            if SECRET_NAME.search(e["name"]):
+            if SECRET_NAME.search(e["name"]) and e["name"].endswith("_FILE"):
+                # A path to the secret: it must lie in a mounted Secret volume.
+                secret_volumes = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+                mount = next(m for m in c["volumeMounts"] if e["value"].startswith(m["mountPath"] + "/"))
+                name = secret_volumes[mount["name"]]
+                assert e["value"].rsplit("/", 1)[1] in secrets[name]["data"], (where, e)
+                refs += 1
+            elif SECRET_NAME.search(e["name"]):
                 assert "value" not in e, f"{where}: {e['name']} has a literal value"
                 ref = e["valueFrom"]["secretKeyRef"]
                 assert ref["key"] in secrets[ref["name"]]["data"], (where, ref)
@@ -438,22 +758,22 @@ def test_values_files_hold_no_secrets():
 
 def test_generated_secrets_are_random_and_existing_ones_replace_them():
     a, b = lib.rendered("default"), lib.render_docs()
-    for name in ("cmrvl-s3", "cmrvl-auth", "cmrvl-gateway-tls"):
+    for name in ("cmrvl-s3", "cmrvl-auth", "cmrvl-gateway-tls", "cmrvl-workflow-db"):
         sa, sb = lib.one(a, "Secret", name), lib.one(b, "Secret", name)
         assert sa["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert sa["data"] != sb["data"], f"{name} is not generated"
     docs = lib.render_docs(sets=["objectStore.existingSecret=my-s3", "auth.existingSecret=my-auth",
-                                 "gateway.tls.existingSecret=my-tls"])
+                                 "gateway.tls.existingSecret=my-tls", "workflowDatabase.existingSecret=my-db"])
     assert not lib.find(docs, "Secret")
     names = set()
     for _, _, spec, c in containers_of(docs):
         for e in c.get("env", []):
-            if "valueFrom" in e:
+            if "secretKeyRef" in e.get("valueFrom", {}):
                 names.add(e["valueFrom"]["secretKeyRef"]["name"])
         for v in spec.get("volumes", []):
             if "secret" in v:
                 names.add(v["secret"]["secretName"])
-    assert names == {"my-s3", "my-auth", "my-tls"}
+    assert names == {"my-s3", "my-auth", "my-tls", "my-db"}
     isvc_sa = lib.one(docs, "ServiceAccount", "cmrvl-vlm")
     assert isvc_sa["secrets"] == [{"name": "my-s3"}]
 

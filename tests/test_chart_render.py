@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra" / "tools"))
 import chart_testlib as lib  # noqa: E402
+from chart_cases import EXTERNAL_SETS  # noqa: E402
 
 PROFILES = list(lib.PROFILES)
 
@@ -52,6 +53,7 @@ def validation(tmp_path_factory):
     if not lib.CRD_DIR.is_dir():
         pytest.skip(f"CRD schemas not found at {lib.CRD_DIR}")
     sets = {p: lib.rendered(p) for p in PROFILES}
+    sets["external"] = lib.render_docs(sets=EXTERNAL_SETS)
     sets["broken"] = _broken_docs()
     return lib.validate_sets(sets, tmp_path_factory.mktemp("validate"))
 
@@ -68,6 +70,12 @@ def test_manifests_valid_against_kubernetes_and_crd_schemas(profile, validation)
         assert {"InferenceService", "ServingRuntime", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
     if profile == "training":
         assert "RayJob" in kinds
+
+
+def test_external_endpoints_render_valid_manifests(validation):
+    report = validation["external"]
+    assert report["problems"] == []
+    assert report["checked"] == len(lib.render_docs(sets=EXTERNAL_SETS)) > 20
 
 
 def test_validators_reject_broken_manifests(validation):
@@ -92,6 +100,7 @@ def test_checkov_passes_with_explained_skips(tmp_path):
     checkov = lib.require_tool("checkov")
     for profile in PROFILES:
         (tmp_path / f"{profile}.yaml").write_text(lib.rendered_text(profile))
+    (tmp_path / "external.yaml").write_text(lib.helm(*lib.template_args([], EXTERNAL_SETS)).stdout)
     out = tmp_path / "out"
     proc = subprocess.run(
         [checkov, "-d", str(tmp_path), "-d", str(lib.REPO / "infra" / "images"),
@@ -129,10 +138,22 @@ def test_checkov_passes_with_explained_skips(tmp_path):
         ("gateway.tls.enabled=yes please", "/gateway/tls/enabled"),
         ("preprocess.autoscaling.targetCPUUtilizationPercentage=150", "/preprocess/autoscaling"),
         ("gatway.replicas=1", "gatway"),
+        ("clusterDomain=Cluster_Local", "/clusterDomain"),
+        ("gateway.pacsTarget=pacs.example.org:104", "/gateway/pacsTarget"),
+        ("gateway.scratchSize=lots", "/gateway/scratchSize"),
+        ("vlm.scratchSize=20GB", "/vlm/scratchSize"),
+        ("networkPolicy.egress.pacsTo[0].ipBlock.cidr=10.0.0.1", "/networkPolicy/egress/pacsTo"),
+        ("networkPolicy.egress.dnsTo[0].nodeSelector.x=y", "/networkPolicy/egress/dnsTo"),
+        ("networkPolicy.egres.dnsTo=null", "egres"),
+        ("workflowDatabase.enabled=maybe", "/workflowDatabase/enabled"),
+        ("workflowDatabase.username=cmrvl-gw", "/workflowDatabase/username"),
+        ("workflowDatabase.persistence.size=20GB", "/workflowDatabase/persistence/size"),
+        ("workflowDatabase.external.port=70000", "/workflowDatabase/external/port"),
+        ("workflowDatabase.external.url=postgresql://u:p@h/db", "/workflowDatabase/external"),
     ],
 )
 def test_schema_rejects_wrong_values(setting, message):
-    flag = "--set-string" if setting.endswith(("hunter2", "yes please")) else "--set"
+    flag = "--set-string" if setting.endswith(("hunter2", "yes please", "maybe")) else "--set"
     proc = lib.helm(*lib.template_args([]), flag, setting, check=False)
     assert proc.returncode != 0, f"{setting} was accepted"
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
@@ -141,7 +162,8 @@ def test_schema_rejects_wrong_values(setting, message):
 
 # Blocks whose inner keys are Kubernetes or training fields documented by their parent's comment.
 SELF_DESCRIBING_BLOCKS = {"resources", "headResources", "workerResources", "config", "issuerRef",
-                          "limitMmPerPrompt", "requests", "limits", "matchLabels", "namespaceSelector"}
+                          "limitMmPerPrompt", "requests", "limits", "matchLabels", "namespaceSelector",
+                          "podSelector"}
 
 
 def test_every_values_field_is_documented():

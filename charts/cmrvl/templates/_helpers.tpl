@@ -70,7 +70,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not .Values.minio.enabled -}}
 {{- fail "objectStore.endpoint is required when minio.enabled is false" -}}
 {{- end -}}
-{{- printf "%s-minio.%s.svc.cluster.local:9000" (include "cmrvl.fullname" .) .Release.Namespace -}}
+{{- printf "%s-minio.%s.svc.%s:9000" (include "cmrvl.fullname" .) .Release.Namespace .Values.clusterDomain -}}
 {{- end -}}
 {{- end -}}
 
@@ -83,7 +83,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.segmentation.tritonUrl -}}
 {{- .Values.segmentation.tritonUrl -}}
 {{- else if .Values.triton.enabled -}}
-{{- printf "%s.%s.svc.cluster.local:8001" (include "cmrvl.tritonService" .) .Release.Namespace -}}
+{{- printf "%s.%s.svc.%s:8001" (include "cmrvl.tritonService" .) .Release.Namespace .Values.clusterDomain -}}
 {{- end -}}
 {{- end -}}
 
@@ -92,7 +92,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.findings.vlmBaseUrl -}}
 {{- .Values.findings.vlmBaseUrl -}}
 {{- else if .Values.vlm.enabled -}}
-{{- printf "http://%s-predictor.%s.svc.cluster.local/openai/v1" .Values.vlm.name .Release.Namespace -}}
+{{- printf "http://%s-predictor.%s.svc.%s/openai/v1" .Values.vlm.name .Release.Namespace .Values.clusterDomain -}}
 {{- end -}}
 {{- end -}}
 
@@ -158,12 +158,33 @@ seccompProfile:
   value: {{ .Values.objectStore.region | quote }}
 {{- end -}}
 
-{{/* Resources with an optional GPU count: (dict "resources" ... "gpus" N) */}}
+{{/* Size ("512Mi", "1.5Gi", ...) in MiB, rounded up. */}}
+{{- define "cmrvl.sizeMi" -}}
+{{- $n := regexFind "^[0-9.]+" . | float64 -}}
+{{- $unit := regexFind "[KMGT]i$" . -}}
+{{- $factor := get (dict "Ki" 0.0009765625 "Mi" 1.0 "Gi" 1024.0 "Ti" 1048576.0) $unit -}}
+{{- mulf $n $factor | ceil | int -}}
+{{- end -}}
+
+{{/*
+Resources with an optional GPU count and the pod's scratch volumes:
+(dict "resources" ... "gpus" N "scratch" (list "4Gi" ...)). The container that mounts the
+disk-backed emptyDirs requests their summed sizeLimits as ephemeral-storage, so the scheduler
+places the pod where that much local disk is free; its limit adds room for the container's logs.
+*/}}
 {{- define "cmrvl.resources" -}}
 {{- $res := deepCopy .resources -}}
-{{- if gt (int .gpus) 0 -}}
-{{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $res.limits)) -}}
-{{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $res.requests)) -}}
+{{- $_ := set $res "limits" (deepCopy (default (dict) $res.limits)) -}}
+{{- $_ := set $res "requests" (deepCopy (default (dict) $res.requests)) -}}
+{{- if gt (int (default 0 .gpus)) 0 -}}
+{{- $_ := set $res.limits "nvidia.com/gpu" (int .gpus) -}}
+{{- $_ := set $res.requests "nvidia.com/gpu" (int .gpus) -}}
+{{- end -}}
+{{- if .scratch -}}
+{{- $mi := 0 -}}
+{{- range .scratch }}{{ $mi = add $mi (include "cmrvl.sizeMi" .) }}{{ end -}}
+{{- $_ := set $res.requests "ephemeral-storage" (printf "%dMi" (int $mi)) -}}
+{{- $_ := set $res.limits "ephemeral-storage" (printf "%dMi" (add $mi 512 | int)) -}}
 {{- end -}}
 {{- toYaml $res -}}
 {{- end -}}
@@ -196,4 +217,88 @@ seccompProfile:
 {{- if not .image.digest -}}
 checkov.io/skip{{ .n }}: CKV_K8S_43=Pinned by an immutable release tag in values; set the image's digest field to pin by digest (the release pipeline does).
 {{- end -}}
+{{- end -}}
+
+{{/* Headless Service of a stage: (dict "root" $ "stage" "preprocess") */}}
+{{- define "cmrvl.stageTarget" -}}
+{{- printf "dns:///%s-%s-headless.%s.svc.%s:50051" (include "cmrvl.fullname" .root) .stage .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* The bundled workflow database (Postgres). */}}
+{{- define "cmrvl.workflowDbName" -}}
+{{- printf "%s-workflow-db" (include "cmrvl.fullname" .) -}}
+{{- end -}}
+{{- define "cmrvl.workflowDbSecretName" -}}
+{{- default (include "cmrvl.workflowDbName" .) .Values.workflowDatabase.existingSecret -}}
+{{- end -}}
+
+{{/*
+The gateway's workflow database: CMRVL_WORKFLOW_DATABASE_URL from the bundled Postgres (the
+password from its Secret, expanded by the kubelet through $(PGPASSWORD)) or from the external
+Secret's key holding the whole URL. CMRVL_GATEWAY_REPLICA names the pod (the engine's executor id).
+*/}}
+{{- define "cmrvl.workflowDbEnv" -}}
+{{- $db := .Values.workflowDatabase -}}
+{{- if $db.enabled }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cmrvl.workflowDbSecretName" . }}
+      key: password
+- name: CMRVL_WORKFLOW_DATABASE_URL
+  value: {{ printf "postgresql://%s:$(PGPASSWORD)@%s.%s.svc.%s:5432/%s" $db.username (include "cmrvl.workflowDbName" .) .Release.Namespace .Values.clusterDomain $db.database | quote }}
+{{- else if $db.external.existingSecret }}
+- name: CMRVL_WORKFLOW_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $db.external.existingSecret }}
+      key: {{ $db.external.urlKey }}
+{{- else }}
+{{- fail "workflowDatabase: set enabled=true (bundled Postgres) or external.existingSecret (a Secret whose key holds postgresql://user:pass@host:5432/db); the gateway replicas share one database" }}
+{{- end }}
+- name: CMRVL_GATEWAY_REPLICA
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- end -}}
+
+{{/*
+Egress rule to an endpoint outside the release: (dict "host" H "port" P "to" peers). The peers
+from values win; else an IP address allows just that address; else (a DNS name, which a
+NetworkPolicy cannot match) any address on that port.
+*/}}
+{{- define "cmrvl.egressExternal" -}}
+- ports:
+    - port: {{ int .port }}
+      protocol: TCP
+  {{- if .to }}
+  to:
+    {{- toYaml .to | nindent 4 }}
+  {{- else if regexMatch "^[0-9]{1,3}(\\.[0-9]{1,3}){3}$" .host }}
+  to:
+    - ipBlock:
+        cidr: {{ .host }}/32
+  {{- else if regexMatch "^[0-9A-Fa-f]*:[0-9A-Fa-f:.]*$" .host }}
+  to:
+    - ipBlock:
+        cidr: {{ .host }}/128
+  {{- end }}
+{{- end -}}
+
+{{/* Egress rule to pods of the release: (dict "root" $ "component" "minio" "port" 9000) */}}
+{{- define "cmrvl.egressToComponent" -}}
+- ports:
+    - port: {{ .port }}
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "cmrvl.selectorLabels" (dict "root" .root "component" .component) | nindent 10 }}
+{{- end -}}
+
+{{/* {"host", "port"} of "host:port", "[v6]:port" or a bare host: (dict "address" A "defaultPort" P) as JSON */}}
+{{- define "cmrvl.splitHostPort" -}}
+{{- $port := regexFind ":[0-9]+$" .address | trimPrefix ":" -}}
+{{- $host := regexReplaceAll ":[0-9]+$" .address "" | trimPrefix "[" | trimSuffix "]" -}}
+{{- dict "host" $host "port" (default .defaultPort $port | int) | toJson -}}
 {{- end -}}
