@@ -54,12 +54,24 @@ def test_unary_calls_spread_over_every_address_of_the_target(two_servers):
     servicers, running = two_servers
     target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in running)
     with clients.open_channel(check_grpc_target(target)) as channel:
-        grpc.channel_ready_future(channel).result(timeout=10)
-        time.sleep(0.3)  # round_robin connects to every address; let the second one be READY too
+        # round_robin connects to every address, calls go to those already connected: call until
+        # both answered (pick_first, gRPC's default, would send every call to "a").
+        deadline = time.monotonic() + 10
+        while not all(s.calls for s in servicers) and time.monotonic() < deadline:
+            _call(channel)
+        assert all(s.calls for s in servicers), [s.calls for s in servicers]
+        before = [s.calls for s in servicers]
         answers = collections.Counter(_call(channel).study_instance_uid for _ in range(40))
-    # pick_first (gRPC's default) would send all 40 to "a" over one connection.
-    assert answers["a"] >= 10 and answers["b"] >= 10, answers
-    assert [s.calls for s in servicers] == [answers["a"], answers["b"]]
+    assert answers == {"a": 20, "b": 20}  # now strictly alternating
+    assert [s.calls - b for s, b in zip(servicers, before)] == [20, 20]
+
+
+def test_a_dns_target_is_resolved_and_called(two_servers):
+    """The cluster's form (`dns:///<headless service>:port`); here the name is localhost."""
+    servicers, running = two_servers
+    with clients.open_channel(check_grpc_target(f"dns:///localhost:{running[1].port}")) as channel:
+        assert {_call(channel).study_instance_uid for _ in range(3)} == {"b"}
+    assert servicers[1].calls == 3
 
 
 def test_a_replica_going_away_leaves_the_calls_to_the_others(two_servers):
