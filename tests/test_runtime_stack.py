@@ -151,7 +151,8 @@ def test_replica_ports_stay_in_the_checked_range_and_the_default_stack_is_unchan
     for service, offset in GRPC_OFFSETS.items():
         assert default.target(service) == f"127.0.0.1:{base + offset}"
         assert default.metrics_port(service) == base + 10 + offset
-    scaled = StackInfo(base, "a", "s", "r", "i", replicas=check_replicas({"segmentation": 3, "findings": 2, "preprocess": 2}))
+    replicas = check_replicas({"segmentation": 3, "findings": 2, "preprocess": 2})
+    scaled = StackInfo(base, "a", "s", "r", "i", replicas=replicas)
     ports = [p for name in scaled.processes() for p in (scaled.grpc_port(name), scaled.metrics_port(name))]
     assert len(set(ports)) == len(ports)  # every process on its own ports
     assert set(ports) <= set(_ports(base)) - {base + 20 + i for i in range(20)}  # free_base_port checks them; not S3's
