@@ -714,6 +714,19 @@ def test_pacs_egress_follows_the_target(target, inside, outside):
     assert c.egress_allowed(gw, "192.0.2.9", port) and not c.egress_allowed(gw, inside, port)
 
 
+@pytest.mark.parametrize(("url", "address", "port"), [
+    ("https://vlm.example.org/openai/v1", "198.51.100.30", 443),  # a name: its port, anywhere
+    ("http://10.3.0.4/openai/v1", "10.3.0.4", 80),  # an address: that address only
+])
+def test_vlm_egress_follows_the_base_url(url, address, port):
+    c = Cluster(lib.render_docs(sets=["vlm.enabled=false", f"findings.vlmBaseUrl={url}"]))
+    fin = "Deployment/cmrvl-findings"
+    assert c.egress_allowed(fin, address, port)
+    assert not c.egress_allowed(fin, address, 443 if port == 80 else 80)
+    assert c.egress_allowed(fin, "198.51.100.31", port) == url.startswith("https://vlm.example.org")
+    assert not c.egress_allowed("Deployment/cmrvl-gateway", address, port)
+
+
 # --- secrets -------------------------------------------------------------------------------
 
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY)", re.I)
