@@ -250,6 +250,19 @@ def test_gateway_calls_every_stage_pod_through_a_headless_service(domain):
     assert f".svc.{domain}/" in _env(docs, "findings")["CMRVL_VLM_BASE_URL"]["value"]
 
 
+def test_stage_targets_for_a_mesh_are_the_cluster_ip_services():
+    from services.runtime.settings import Settings
+
+    docs = lib.render_docs(sets=["gateway.stageTargets=clusterIP"])
+    env = _env(docs, "gateway")
+    for stage in ("preprocess", "segmentation", "findings"):
+        target = env[f"CMRVL_{stage.upper()}_TARGET"]["value"]
+        assert target == f"cmrvl-{stage}.{lib.NAMESPACE}.svc.cluster.local:50051"
+        assert _service_port(docs, target) == 50051
+        assert "clusterIP" not in lib.one(docs, "Service", f"cmrvl-{stage}")["spec"]
+        Settings(**{f"{stage}_target": target})
+
+
 def test_gateway_and_stages_point_at_real_services():
     docs = lib.rendered("default")
     seg = _env(docs, "segmentation")

@@ -141,6 +141,9 @@ def test_checkov_passes_with_explained_skips(tmp_path):
         ("clusterDomain=Cluster_Local", "/clusterDomain"),
         ("gateway.pacsTarget=pacs.example.org:104", "/gateway/pacsTarget"),
         ("gateway.scratchSize=lots", "/gateway/scratchSize"),
+        ("gateway.stageTargets=mesh", "/gateway/stageTargets"),
+        ("gateway.env.CMRVL_FINDINGS_TARGET=findings:50051", "CMRVL_FINDINGS_TARGET"),  # a value of its own
+        ("gateway.env.CMRVL_WORKFLOW_DATABASE_URL=sqlite://", "CMRVL_WORKFLOW_DATABASE_URL"),
         ("vlm.scratchSize=20GB", "/vlm/scratchSize"),
         ("networkPolicy.egress.pacsTo[0].ipBlock.cidr=10.0.0.1", "/networkPolicy/egress/pacsTo"),
         ("networkPolicy.egress.dnsTo[0].nodeSelector.x=y", "/networkPolicy/egress/dnsTo"),

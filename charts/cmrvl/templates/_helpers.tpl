@@ -219,9 +219,19 @@ checkov.io/skip{{ .n }}: CKV_K8S_43=Pinned by an immutable release tag in values
 {{- end -}}
 {{- end -}}
 
-{{/* Headless Service of a stage: (dict "root" $ "stage" "preprocess") */}}
+{{/*
+The gateway's target of a stage: (dict "root" $ "stage" "preprocess"). Headless: DNS answers with
+every ready pod and the channel calls them round robin; clusterIP: one virtual IP, for a mesh
+that balances the calls itself.
+*/}}
 {{- define "cmrvl.stageTarget" -}}
-{{- printf "dns:///%s-%s-headless.%s.svc.%s:50051" (include "cmrvl.fullname" .root) .stage .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- $host := printf "%s-%s" (include "cmrvl.fullname" .root) .stage -}}
+{{- $domain := printf "%s.svc.%s" .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- if eq .root.Values.gateway.stageTargets "clusterIP" -}}
+{{- printf "%s.%s:50051" $host $domain -}}
+{{- else -}}
+{{- printf "dns:///%s-headless.%s:50051" $host $domain -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The bundled workflow database (Postgres). */}}
