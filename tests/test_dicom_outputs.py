@@ -164,7 +164,7 @@ def test_seg_uids_are_deterministic(study):
 
 
 def test_seg_describes_no_segment_the_label_map_never_has(study):
-    """An LV-only model (the shipped default) gives a SEG without an RV segment."""
+    """An LV-only model (as the first, Sunnybrook-trained default was) gives a SEG without an RV segment."""
     from services.segmentation.dicom_seg import build_seg
 
     lv_only = study.labels.copy()
