@@ -120,10 +120,10 @@ def test_a_study_travels_every_stage_and_a_report_lands_in_the_store(sunnybrook_
     assert (document["series"][0]["n_slices"], document["series"][0]["n_phases"]) == (12, 20)
     assert "MEASUREMENTS" in report.report_text and "FINDINGS" in report.report_text
 
-    # Measurements from the shipped default model (LV only), named in the report.
+    # Measurements from the shipped default model (LV, myocardium, RV), named in the report.
     measurements = document["measurements"]
     assert measurements["lv_edv_ml"] > measurements["lv_esv_ml"] > 0
-    assert measurements["rv_edv_ml"] is None
+    assert measurements["rv_edv_ml"] > measurements["rv_esv_ml"] > 0 and measurements["lv_mass_g"] > 0
     assert document["models"]["segmentation"]["default_model"] is True
     assert f"{measurements['lv_edv_ml']:.1f}" in report.report_text
 

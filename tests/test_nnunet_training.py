@@ -255,19 +255,27 @@ def test_checkpoint_mirror_uploads_each_save_and_restores_only_a_matching_run(tm
 # ---------------------------------------------------------------- the shipped default model
 
 def test_default_model_card_and_evaluation():
+    """The shipped default is the ACDC model, scored on ACDC patients it never saw, and its card
+    says so; the floor below is the LV-only placeholder it replaced (0.35 / 0.22 / 0.00 on the same
+    cases) raised well above it, so that a broken export or a wrong checkpoint cannot ship."""
     from services.segmentation.model_layout import latest_version, read_layout, resolve_model_dir
 
     model_dir = resolve_model_dir(DEFAULT_MODEL)
     version_dir = model_dir / str(latest_version(model_dir))
     card = (DEFAULT_MODEL / "MODEL_CARD.md").read_text()
-    for needle in ("Sunnybrook", "LV only", "cmrvl train nnunet", "ignore", "training data"):
-        assert needle in card
+    for needle in ("ACDC", "Held-out fifth", "Spacing assumption", "1.5625", "Sunnybrook", "cmrvl train nnunet",
+                   "Not for clinical use", "issue target (floor)"):
+        assert needle in card, needle
     evaluation = json.loads((version_dir / "evaluation.json").read_text())
-    assert evaluation["on_training_data"] is True  # one patient: honest about what it shows
-    assert evaluation["dice_mean"]["LV cavity"] > 0.5
+    assert evaluation["on_training_data"] is False
+    held_out = set(json.loads((version_dir / "dataset.json").read_text())["held_out"]["patients"])
+    assert len(held_out) == 20 and {case.rsplit("_", 1)[0] for case in evaluation["cases"]} == held_out
+    floor = {"LV cavity": 0.85, "LV myocardium": 0.75, "RV": 0.75}
+    assert all(evaluation["dice_mean"][name] > value for name, value in floor.items()), evaluation["dice_mean"]
+    assert f"| ED + ES | {evaluation['dice_mean']['LV cavity']:.3f} |" in card  # the card shows the file's numbers
     layout = read_layout(version_dir)
-    assert sorted(layout["labels"]["nnunet_to_cmrvl"].values()) == [0, 1, 2]  # LV only, no RV
-    assert (version_dir / "model.onnx").stat().st_size < 8 * 2**20
+    assert sorted(layout["labels"]["nnunet_to_cmrvl"].values()) == [0, 1, 2, 3]  # LV cavity, myocardium, RV
+    assert (version_dir / "model.onnx").stat().st_size < 16 * 2**20
 
 
 @pytest.mark.skipif(not (SUNNYBROOK / "link.csv").is_file(), reason=f"sample data absent: {SUNNYBROOK}")
@@ -286,8 +294,9 @@ def test_default_model_segments_sunnybrook_ed():
         segmenter.close()
     drawn = case.contoured_slices["ed"]
     expert = case.labels["ed"]
-    assert set(np.unique(labels)) <= {0, 1, 2}  # the default model has no RV
+    assert 3 in set(np.unique(labels)) <= {0, 1, 2, 3}  # the RV too (Sunnybrook draws no RV to score it)
     for z in drawn:
         assert (labels[..., z] == 1).any() and (labels[..., z] == 2).any(), f"slice {z}: no LV cavity/myocardium"
-    assert dice(labels[..., drawn] == 1, expert[..., drawn] == 1) > 0.6
-    assert dice(labels[..., drawn] == 2, expert[..., drawn] == 2) > 0.3
+    # An unseen GE scanner (ACDC is Siemens): the model card reports 0.93 / 0.78 here.
+    assert dice(labels[..., drawn] == 1, expert[..., drawn] == 1) > 0.85
+    assert dice(labels[..., drawn] == 2, expert[..., drawn] == 2) > 0.65

@@ -18,7 +18,7 @@ from services.runtime.settings import Settings
 from services.runtime.storage import ObjectStore
 
 STAGE_PREFIX = "{study_id}/segmentation/"
-# The small LV-only model shipped with the project (see its MODEL_CARD.md): used only when
+# The ACDC model (LV cavity, myocardium, RV) shipped with the project (see its MODEL_CARD.md): used only when
 # neither CMRVL_SEGMENTATION_MODEL_DIR nor the models bucket provides one.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
