@@ -24,6 +24,6 @@ def service_spec(settings: Settings) -> ServiceSpec:
         names=[study_pb2.DESCRIPTOR.services_by_name["StudyService"].full_name],
         register=lambda server: study_pb2_grpc.add_StudyServiceServicer_to_server(servicer, server),
         tokens=settings.accepted_tokens,
-        on_start=workflow.resume_unfinished,
+        on_start=workflow.start,
         on_stop=workflow.stop,
     )

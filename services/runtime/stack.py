@@ -262,6 +262,8 @@ class Stack:
 
     def _spawn_service(self, info: StackInfo, service: str) -> None:
         env = {**info.service_env(service), **info.extra_env}
+        if service == "gateway":  # its workflow database (SQLite unless extra_env names one) goes with the stack
+            env.setdefault("CMRVL_STATE_DIR", str(self.dir / "gateway"))
         command = [sys.executable, "-m", "services", "serve", service]
         info.pids[service] = self._spawn(service, command, env)
         self._write(info)
