@@ -38,7 +38,6 @@ CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt
                  ".pdf": "application/pdf", ".png": "image/png"}
 MAX_NAME_BYTES = 255  # one path component (file systems' NAME_MAX)
 MAX_PATH_BYTES = 900  # the whole relative path: S3 keys are at most 1024 bytes with the study prefix
-CANCEL_WAIT_S = 3.0  # how long CancelStudy waits for the study's runner to record the cancel
 RETRYABLE_ENDS = ("failed", "cancelled")
 
 
@@ -269,6 +268,6 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def CancelStudy(self, request, context):
         record = self._record(request.study_id)
         if record["status"] not in TERMINAL:
-            self.workflow.cancel(record["study_id"], record.get("run", 1), CANCEL_WAIT_S)
+            self.workflow.cancel(record["study_id"], record.get("run", 1))
             record = self.records.get(record["study_id"]) or record
         return study_message(record)

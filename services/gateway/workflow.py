@@ -86,8 +86,8 @@ class _Abandon:
         self.stopping, self.wf_id = stopping, wf_id
         self._cancelled, self._checked = False, 0.0
 
-    def cancelled(self) -> bool:
-        if not self._cancelled and time.monotonic() - self._checked >= CANCEL_POLL_S:
+    def cancelled(self, fresh: bool = False) -> bool:
+        if not self._cancelled and (fresh or time.monotonic() - self._checked >= CANCEL_POLL_S):
             self._checked = time.monotonic()
             try:
                 status = DBOS.get_workflow_status(self.wf_id)
@@ -225,6 +225,8 @@ class Workflow:
         s = self.settings
         # Per-stage limits in the database, shared by every replica; the report is built in
         # this process, so its limit is per replica; studies themselves mostly wait.
+        self.limits = {"preprocess": s.preprocess_concurrency, "segmentation": s.segmentation_concurrency,
+                       "findings": s.findings_concurrency, "report": s.workflow_workers}
         limits = {"preprocess": {"global_concurrency": s.preprocess_concurrency},
                   "segmentation": {"global_concurrency": s.segmentation_concurrency},
                   "findings": {"global_concurrency": s.findings_concurrency},
@@ -288,25 +290,15 @@ class Workflow:
         with _database("enqueue"), SetWorkflowID(workflow_id(study_id, run)):
             self.queues["study"].enqueue(study_workflow, study_id, run)
 
-    def cancel(self, study_id: str, run: int, wait_s: float) -> None:
+    def cancel(self, study_id: str, run: int) -> None:
         """Cancel a study run: its workflow and stage children in the database (whichever replica
-        runs them stops there), its stage call in flight. The run's own thread writes the record;
-        one that nobody runs (still queued, or on a dead replica) is written here."""
+        runs them stops there, its stage call in flight is cancelled) and its record, written
+        here at once: the runner's later writes find the record final and leave it."""
         wf_id = workflow_id(study_id, run)
         with _database("cancel"):
-            status = DBOS.get_workflow_status(wf_id)
-            if status is not None:
+            if DBOS.get_workflow_status(wf_id) is not None:
                 DBOS.cancel_workflow(wf_id, cancel_children=True)
-        if status is None or status.status == "ENQUEUED":
-            self.mark_cancelled(study_id, run, keep=False)
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            record = self.records.get(study_id)
-            if record is None or record["status"] in TERMINAL:
-                return
-            time.sleep(0.1)
-        self.mark_cancelled(study_id, run, keep=False)  # its runner did not answer in time
+        self.mark_cancelled(study_id, run, keep=False)
 
     # -- the record (the RIS-facing view) -------------------------------------------------------
     def _update(self, study_id: str, run: int, change, keep: bool = True) -> dict | None:
@@ -352,10 +344,17 @@ class Workflow:
             STUDIES_FINISHED.labels("failed").inc()
 
     # -- the steps' work ----------------------------------------------------------------------
+    def _stage_full(self, stage: str) -> bool:
+        """Every slot of the stage taken now (by any replica): a study enqueued now waits."""
+        running = DBOS.list_workflows(queue_name=f"cmrvl-{stage}", status="PENDING", load_input=False,
+                                      load_output=False)
+        return len(running) >= self.limits[stage]
+
     def prepare_stage(self, study_id: str, run: int, stage: str) -> str:
-        """'run' (marked waiting for a slot of the stage), 'skip' (finished before a restart, or
-        findings without masks) or 'stop' (the record ended meanwhile)."""
+        """'run' (to be enqueued; shown waiting when the stage has no free slot), 'skip' (finished
+        before a restart, or findings without masks) or 'stop' (the record ended meanwhile)."""
         decision = {"next": "run"}
+        full = self._stage_full(stage)
 
         def change(record: dict) -> bool:
             state = record["stages"][stage]
@@ -368,7 +367,9 @@ class Workflow:
                 decision["next"] = "skip"
                 return True
             record["current_stage"] = stage
-            state.update(state="waiting", error="")  # waiting for a slot: shown as such, not as running
+            # Waiting for a slot: shown as such, not as running. With a free slot the stage's run
+            # starts within a queue poll and shows itself as running.
+            state.update(state="waiting" if full else "pending", error="")
             return True
 
         return decision["next"] if self._update(study_id, run, change) is not None else "stop"
@@ -453,15 +454,18 @@ class Workflow:
             new_state, message = "failed", f"{stage} failed: {error}"
             log.exception("study %s: %s", study_id, stage)
 
-        def commit(r: dict) -> None:
+        def commit(r: dict) -> bool:
+            if abandon.cancelled(fresh=True):  # cancelled since the last poll: nothing recorded
+                return False
             r["stages"][stage].update(state=new_state, error=error, outputs=outputs, seconds=clock())
             if stage == "preprocess" and outputs.get("study_instance_uid"):
                 r["study_instance_uid"] = outputs["study_instance_uid"]
             if new_state == "failed":
                 r["status"], r["error"] = "failed", message
             self.records.add_event(r, stage, message, save=False)
+            return True
 
-        if self._update(study_id, run, commit) is None:
+        if self._update(study_id, run, commit) is None or abandon.cancelled():
             return "stop"
         if new_state == "failed":
             STUDIES_FINISHED.labels("failed").inc()
