@@ -203,3 +203,20 @@ def store_of_stack():
                                     s3_secret_key=info.secret_key))
 
     return store
+
+
+def test_an_unreachable_workflow_database_is_one_line_at_start_without_its_password(tmp_path):
+    from services.gateway.workflow import Workflow
+    from services.runtime.settings import SettingsError, load_settings
+    from services.runtime.stack import free_base_port
+
+    closed_port = free_base_port()  # nothing listens there
+    settings = load_settings(workflow_database_url=f"postgresql://cmrvl:s3cret@127.0.0.1:{closed_port}/wf",
+                             state_dir=str(tmp_path))
+    with pytest.raises(SettingsError) as err:
+        Workflow(settings, None, None)
+    message = str(err.value)
+    assert message.startswith("CMRVL_WORKFLOW_DATABASE_URL: workflow database ")
+    assert "s3cret" not in message and "\n" not in message
+    with pytest.raises(SettingsError, match="CMRVL_WORKFLOW_DATABASE_URL"):
+        load_settings(workflow_database_url="mysql://cmrvl@127.0.0.1/wf")

@@ -27,9 +27,8 @@ def database_url(url: str, state_dir: Path) -> str:
 
 def sqlalchemy_url(url: str) -> str:
     """The same database for SQLAlchemy with the psycopg 3 driver DBOS brings (not psycopg2)."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme):]
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
     return url
 
 

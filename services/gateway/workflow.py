@@ -36,7 +36,7 @@ from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
 from services.gateway.records import STAGES, TERMINAL, RecordStore
 from services.gateway.replicas import Replicas, database_url, redacted
 from services.runtime.clients import Backoff, CallAbandoned, call_with_retry, open_channel
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, SettingsError
 
 log = logging.getLogger("cmrvl.workflow")
 
@@ -129,9 +129,12 @@ def study_workflow(study_id: str, run: int) -> str:
             dbos_error.DBOSWorkflowConflictIDError):
         if engine.stopping.is_set():
             raise _Stopping() from None
-        status = DBOS.get_workflow_status(DBOS.workflow_id)
-        if status is not None and status.status == "CANCELLED":
-            engine.mark_cancelled(study_id, run)  # plain code, not a step: the workflow is over
+        # The cancel's record is normally written by CancelStudy; this covers a cancel made
+        # elsewhere (DBOS's tools). Plain code, not a step: the workflow is over.
+        with contextlib.suppress(Exception, dbos_error.DBOSBaseException):
+            status = DBOS.get_workflow_status(DBOS.workflow_id)
+            if status is not None and status.status == "CANCELLED":
+                engine.mark_cancelled(study_id, run)
         raise
     except Exception as exc:  # noqa: BLE001 - a bug: fail the study rather than leave it running
         if engine.stopping.is_set():
@@ -192,6 +195,11 @@ class Workflow:
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else Path.home() / ".cmrvl" / "gateway"
         self.database_url = database_url(settings.workflow_database_url, state_dir)
         self.replicas = Replicas(self.database_url, self.replica, settings.replica_dead_s)
+        try:  # at start-up, one line naming the setting, not a traceback later
+            self.replicas.beat()
+        except Exception as exc:  # noqa: BLE001 - any driver error
+            raise SettingsError(f"CMRVL_WORKFLOW_DATABASE_URL: workflow database {redacted(self.database_url)} "
+                                f"not usable: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         self.queues: dict = {}
         self._inflight = {stage: 0 for stage in STAGES}
         self._peak = dict(self._inflight)

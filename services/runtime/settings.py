@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     @field_validator("workflow_database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        if value and not value.startswith(("postgresql://", "sqlite:///")):
             raise ValueError("must be a postgresql://user:pass@host:5432/db or sqlite:///path URL (or empty)")
         return value
 
