@@ -5,14 +5,10 @@ cancel reaches a study wherever it runs. Real processes throughout (local stack,
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
-import grpc
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
@@ -51,13 +47,7 @@ def engine_stack(tmp_path, database):
         **database, "CMRVL_OUTAGE_RETRY_S": "120", "CMRVL_RETRY_BACKOFF_S": "0.2", "CMRVL_MAX_BACKOFF_S": "1",
         "CMRVL_GATEWAY_REPLICA": "gw-a", "CMRVL_REPLICA_HEARTBEAT_S": "0.5", "CMRVL_REPLICA_DEAD_S": "3"})
     stack.database = database.get("CMRVL_WORKFLOW_DATABASE_URL") or f"sqlite:///{stack.dir / 'gateway' / 'workflow.sqlite'}"
-    replicas = []
-    stack.replicas = replicas
     yield stack
-    for process in replicas:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(30)
     stack.down()
 
 
@@ -79,34 +69,6 @@ def _wait_for(predicate, timeout_s=120, what="condition"):
 
 def _stage(client, study_id, stage):
     return {s.stage: s for s in client.get_study(study_id).stages}[stage]
-
-
-def _start_replica(stack, name: str) -> str:
-    """A second gateway process of the stack (same object store, same workflow database), on a
-    port of its own; returns its target."""
-    from services.runtime.stack import _port_bindable
-
-    info = stack.info()
-    port = next(p for p in range(info.base_port + 5, info.base_port + 10) if _port_bindable(p))
-    env = {**os.environ, **info.service_env("gateway"), **info.extra_env, "CMRVL_GRPC_PORT": str(port),
-           "CMRVL_METRICS_PORT": "0", "CMRVL_GATEWAY_REPLICA": name, "CMRVL_STATE_DIR": str(stack.dir / "gateway")}
-    log = open(stack.dir / "logs" / f"{name}.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "services", "serve", "gateway"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    stack.replicas.append(process)
-    target = f"127.0.0.1:{port}"
-    client = _client(target, info.ris_token)
-    try:
-        def answers():
-            assert process.poll() is None, f"replica {name} exited; see {stack.dir / 'logs' / (name + '.log')}"
-            try:
-                client.get_study("no-such-study")
-            except grpc.RpcError as exc:  # NOT_FOUND: it serves
-                return exc.code() == grpc.StatusCode.NOT_FOUND
-        _wait_for(answers, 60, f"replica {name} serving")
-    finally:
-        client.close()
-    return target
 
 
 def _workflow_status(stack, study_id: str, run: int = 1):
@@ -158,7 +120,7 @@ def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the
               what="segmentation attempted on gw-a")
     assert _workflow_status(engine_stack, first.study_id).executor_id == "gw-a"
 
-    b = _client(_start_replica(engine_stack, "gw-b"), info.ris_token)
+    b = _client(engine_stack.start_gateway_replica("gw-b"), info.ris_token)
     # Any replica answers about any study, and a submission to one is the same study on the other.
     assert b.get_study(first.study_id).status == a.get_study(first.study_id).status
     again = b.submit_folder(small_study, first.client_request_id)

@@ -5,8 +5,8 @@ four gRPC services; `cmrvl down` stops them. State (ports, pids, generated crede
 logs) lives in one folder, `~/.cmrvl/stack` unless CMRVL_STACK_DIR says otherwise.
 
 Ports are offsets from one base (default 50050), so several stacks (tests, a developer's) can run
-side by side: gateway base+1, preprocess +2, segmentation +3, findings +4, metrics +11..+14,
-S3 +20, and SeaweedFS's internal ports +21..+39."""
+side by side: gateway base+1, preprocess +2, segmentation +3, findings +4, more gateway replicas
+(`start_gateway_replica`) +5..+9, metrics +11..+14, S3 +20, and SeaweedFS's internal ports +21..+39."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ class Stack:
 
     def running(self) -> bool:
         info = self.info()
-        return bool(info and set(info.pids) == {"s3", *STAGES} and all(_alive(p) for p in info.pids.values()))
+        return bool(info and {"s3", *STAGES} <= set(info.pids) and all(_alive(p) for p in info.pids.values()))
 
     def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None) -> StackInfo:
         """Start the stack; a stack already running is returned as it is, and one that is partly
@@ -260,20 +260,35 @@ class Stack:
         _terminate(pid, sig, timeout_s)
         self._write(info)
 
-    def _spawn_service(self, info: StackInfo, service: str) -> None:
-        env = {**info.service_env(service), **info.extra_env}
+    def _spawn_service(self, info: StackInfo, service: str, env: dict | None = None, key: str = "") -> None:
+        env = {**info.service_env(service), **info.extra_env, **(env or {})}
         if service == "gateway":  # its workflow database (SQLite unless extra_env names one) goes with the stack
             env.setdefault("CMRVL_STATE_DIR", str(self.dir / "gateway"))
         command = [sys.executable, "-m", "services", "serve", service]
-        info.pids[service] = self._spawn(service, command, env)
+        info.pids[key or service] = self._spawn(key or service, command, env)
         self._write(info)
+
+    def start_gateway_replica(self, name: str, timeout_s: float = 60.0) -> str:
+        """One more gateway process of a running stack, replica `name` on the same object store and
+        workflow database, on the next free port of base+5..+9 (metrics off); returns its target.
+        `down` stops it; `stop_service(f"gateway@{name}")` kills it."""
+        info = self.info()
+        port = next((p for p in range(info.base_port + 5, info.base_port + 10) if _port_bindable(p)), None)
+        if port is None:
+            raise RuntimeError("no free port for another gateway replica (base+5..+9)")
+        key = f"gateway@{name}"
+        self._spawn_service(info, "gateway", {"CMRVL_GRPC_PORT": str(port), "CMRVL_METRICS_PORT": "0",
+                                              "CMRVL_GATEWAY_REPLICA": name}, key)
+        self._wait_healthy(info, key, timeout_s, target=f"127.0.0.1:{port}")
+        return f"127.0.0.1:{port}"
 
     def down(self, timeout_s: float = 30.0) -> None:
         info = self.info()
         if info is None:
             return
         # Gateway first, so no new work reaches the stages; S3 last.
-        order = [s for s in ("gateway", "preprocess", "segmentation", "findings", "s3") if s in info.pids]
+        replicas = [key for key in info.pids if key.startswith("gateway@")]
+        order = replicas + [s for s in ("gateway", "preprocess", "segmentation", "findings", "s3") if s in info.pids]
         for name in order:
             _terminate(info.pids[name], signal.SIGTERM, timeout_s)
         info.pids = {}
@@ -323,12 +338,12 @@ class Stack:
                     raise
                 time.sleep(0.5)
 
-    def _wait_healthy(self, info: StackInfo, service: str, timeout_s: float) -> None:
+    def _wait_healthy(self, info: StackInfo, service: str, timeout_s: float, target: str = "") -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(info.target(service)) as channel:
+        with grpc.insecure_channel(target or info.target(service)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not _alive(info.pids[service]):

@@ -3,7 +3,8 @@
 The real gateway process and the real S3 server run as in `cmrvl up`; the three stage services
 are replaced by in-process stubs that sleep `--latency` seconds and return pre-made artifacts, so
 everything measured beyond the stubs' sleep is the gateway's own cost (upload, records, events,
-report). Prints the numbers; asserts nothing.
+report). The burst runs through one gateway replica, then through two (the studies alternate
+between them) on the same workflow database. Prints the numbers; asserts nothing.
 
     .venv/bin/python tests/bench/bench_gateway.py [--studies 20] [--latency 0.2]
 """
@@ -91,11 +92,11 @@ def main() -> None:
                 write_cine_study(folder, n_slices=4, n_phases=5, rows=32, cols=32, seed=i)
                 folders.append(folder)
 
-            def run(folder: Path) -> float:
-                client = StudyClient(info.target("gateway"), info.ris_token)
+            def run(folder: Path, target: str = info.target("gateway"), tag: str = "") -> float:
+                client = StudyClient(target, info.ris_token)
                 try:
                     started = time.perf_counter()
-                    study = client.submit_folder(folder, folder.name)
+                    study = client.submit_folder(folder, folder.name + tag)
                     for _ in client.watch(study.study_id):
                         pass
                     return time.perf_counter() - started
@@ -106,17 +107,24 @@ def main() -> None:
             stage_time = 3 * args.latency
             overhead = statistics.median(sequential) - stage_time
             burst = folders[3:]
-            started = time.perf_counter()
-            with futures.ThreadPoolExecutor(len(burst)) as pool:
-                list(pool.map(run, burst))
-            elapsed = time.perf_counter() - started
+
+            def burst_rate(targets: list[str], tag: str) -> float:
+                started = time.perf_counter()
+                with futures.ThreadPoolExecutor(len(burst)) as pool:
+                    list(pool.map(lambda i: run(burst[i], targets[i % len(targets)], tag), range(len(burst))))
+                return 60 * len(burst) / (time.perf_counter() - started)
+
+            one = burst_rate([info.target("gateway")], "")
+            two = burst_rate([info.target("gateway"), stack.start_gateway_replica("bench-2")], "-two")
             print(json.dumps({
                 "stage_latency_s": args.latency,
                 "end_to_end_median_s": round(statistics.median(sequential), 3),
                 "gateway_overhead_per_study_s": round(overhead, 3),
                 "overhead_ratio_to_stage_time": round(overhead / stage_time, 3),
                 "burst_studies": len(burst),
-                "studies_per_minute": round(60 * len(burst) / elapsed, 1),
+                "studies_per_minute_1_replica": round(one, 1),
+                "studies_per_minute_2_replicas": round(two, 1),
+                "ratio_2_to_1_replicas": round(two / one, 3),
                 "ideal_studies_per_minute_at_concurrency_4": round(60 * 4 / stage_time, 1),
             }, indent=2))
             for server in servers:
