@@ -51,6 +51,7 @@ APP_VERSION = "cmrvl-workflow-1"
 # How often each replica looks for queued stage work (DBOS's default is 1 s). Each poll is a
 # database query: 0.2 s cost an idle gateway 15% of a core (SQLite), 0.5 s about 6%.
 QUEUE_POLL_S = 0.5
+RESULT_POLL_S = 0.2  # how often a study's workflow looks whether its stage has ended
 CANCEL_POLL_S = 0.5  # how often a running stage call checks whether its study was cancelled
 FINISHED = ("done", "skipped", "failed")
 
@@ -122,7 +123,8 @@ def study_workflow(study_id: str, run: int) -> str:
                 continue
             with SetWorkflowID(f"{DBOS.workflow_id}:{stage}"):
                 handle = engine.queues[stage].enqueue(stage_workflow, study_id, run, stage)
-            if handle.get_result() in ("failed", "stop"):
+            # (DBOS polls for the result once a second by default: most of a study's overhead)
+            if handle.get_result(polling_interval_sec=RESULT_POLL_S) in ("failed", "stop"):
                 return "failed"
         return finish_study(study_id, run)
     except _Stopping:
