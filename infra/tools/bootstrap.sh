@@ -2,7 +2,8 @@
 # Set up a fresh machine: `.venv/` with the `cmrvl` command; with --dev also the test tooling:
 # the Helm/kubernetes-validate/checkov tools, and the servers with pins of their own, each in its
 # own venv under .venvs/ (Triton: numpy<2; vLLM: torch 2.13 CPU; training: llamafactory + Ray),
-# and the DICOM tools tests check against (Orthanc, DCMTK, dicom3tools; apt, as root).
+# the DICOM tools tests check against (Orthanc, DCMTK, dicom3tools) and PostgreSQL for the
+# gateway's workflow database (apt, as root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dev=0
@@ -29,6 +30,12 @@ else
       failed=1
     fi
   done
+  # After the DICOM tools: both use apt, which takes one lock at a time.
+  if ! bash infra/tools/install-postgres.sh > .venvs/install-postgres.log 2>&1; then
+    echo "install-postgres.sh failed:" >&2
+    tail -n 30 .venvs/install-postgres.log >&2
+    failed=1
+  fi
   [ "$failed" = 0 ]
 fi
 .venv/bin/cmrvl --help > /dev/null

@@ -1,8 +1,8 @@
 """The durable study record: one JSON object a study, `cmrvl-studies/<study_id>/study.json`.
 
-Only the workflow thread that owns a study writes its record (or a cancel, for a study no thread
-runs); a cancel request is also a durable marker object (`<study_id>/cancel`) that a restarted
-gateway reads before it resumes the study."""
+It is the RIS-facing view of a study (status, stages, events, report outputs); the workflow
+engine's own state (DBOS, workflow.py) is in the workflow database. `run` counts the runs of a
+study (a retry of a failed or cancelled one is the next run)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def new_record(study_id: str, study_instance_uid: str, client_request_id: str, d
         "dicom_prefix": dicom_prefix,
         "height_m": height_m,
         "weight_kg": weight_kg,
+        "run": 1,
         "status": "queued",
         "current_stage": "received",
         "error": "",
@@ -104,12 +105,3 @@ class RecordStore:
             if record is not None:
                 records.append(record)
         return records
-
-    def request_cancel(self, study_id: str) -> None:
-        self.store.put_bytes(self.bucket, f"{study_id}/cancel", b"cancel requested " + now().encode())
-
-    def clear_cancel(self, study_id: str) -> None:
-        self.store.delete_prefix(self.bucket, f"{study_id}/cancel")
-
-    def cancel_requested(self, study_id: str) -> bool:
-        return self.store.exists(self.bucket, f"{study_id}/cancel")

@@ -26,7 +26,7 @@ def _warm_up_report() -> None:
 
 def _start(workflow: Workflow) -> None:
     threading.Thread(target=_warm_up_report, name="report-warm-up", daemon=True).start()
-    workflow.resume_unfinished()
+    workflow.start()
 
 
 def service_spec(settings: Settings) -> ServiceSpec:

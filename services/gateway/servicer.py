@@ -38,7 +38,6 @@ CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt
                  ".pdf": "application/pdf", ".png": "image/png"}
 MAX_NAME_BYTES = 255  # one path component (file systems' NAME_MAX)
 MAX_PATH_BYTES = 900  # the whole relative path: S3 keys are at most 1024 bytes with the study prefix
-CANCEL_WAIT_S = 3.0  # how long CancelStudy waits for the workflow to have stopped the study
 RETRYABLE_ENDS = ("failed", "cancelled")
 
 
@@ -109,16 +108,17 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
         existing = self.records.get(study_id)
         if existing is not None and not (retry and existing["status"] in RETRYABLE_ENDS):
             log.info("submission %s for study %s already exists", client_request_id, study_id)
+            if existing["status"] not in TERMINAL:  # (idempotent) in case a crash lost its enqueue
+                self.workflow.enqueue(study_id, existing.get("run", 1))
             return existing
         dicom_prefix = upload(study_id)
         if existing is not None:
             log.info("study %s: run again after it was %s", study_id, existing["status"])
-            self.records.clear_cancel(study_id)
             record = restart_record(existing, dicom_prefix, height, weight)
         else:
             record = new_record(study_id, study_uid, client_request_id, dicom_prefix, height, weight)
-        self.records.put(record)  # written last: from now on the study exists
-        self.workflow.enqueue(study_id, fresh=existing is not None)
+        self.records.put(record)  # from now on the study exists; its run starts below
+        self.workflow.enqueue(study_id, record["run"])
         return record
 
     @grpc_errors
@@ -268,10 +268,6 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def CancelStudy(self, request, context):
         record = self._record(request.study_id)
         if record["status"] not in TERMINAL:
-            self.records.request_cancel(record["study_id"])  # durable: a restarted gateway sees it
-            self.workflow.cancel(record["study_id"])
-            deadline = time.monotonic() + CANCEL_WAIT_S
-            while record["status"] not in TERMINAL and time.monotonic() < deadline:
-                time.sleep(0.1)
-                record = self.records.get(record["study_id"]) or record
+            self.workflow.cancel(record["study_id"], record.get("run", 1))
+            record = self.records.get(record["study_id"]) or record
         return study_message(record)

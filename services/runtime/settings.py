@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     preprocess_concurrency: int = Field(2, ge=1)
     segmentation_concurrency: int = Field(1, ge=1)
     findings_concurrency: int = Field(1, ge=1)
+    # The workflow engine (DBOS): its database, a SQLAlchemy-style URL (postgresql://user:pass@host:5432/db);
+    # empty = an SQLite file in `state_dir` (the embedded default: no server needed).
+    workflow_database_url: str = ""
+    state_dir: str = ""  # the gateway's own files; empty = ~/.cmrvl/gateway
+    # This replica's stable name (the pod name; DBOS's executor id); empty = the host name.
+    gateway_replica: str = ""
+    # Replicas write a heartbeat every `replica_heartbeat_s`; one silent for `replica_dead_s` is
+    # taken for dead and its unfinished studies are recovered by a live replica.
+    replica_heartbeat_s: float = Field(5.0, gt=0)
+    replica_dead_s: float = Field(30.0, gt=0)
 
     # Optional push of each report's SR + SEG to a PACS by C-STORE: "AET@host:port"; empty = off.
     pacs_target: str = ""
@@ -110,6 +120,13 @@ class Settings(BaseSettings):
         value = value.upper()
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("workflow_database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "sqlite:///")):
+            raise ValueError("must be a postgresql://user:pass@host:5432/db or sqlite:///path URL (or empty)")
         return value
 
     @field_validator("pacs_target")

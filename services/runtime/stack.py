@@ -11,7 +11,9 @@ S3 +20, and SeaweedFS's internal ports +21..+39.
 A stage can run as several replicas (`cmrvl up --replicas segmentation=2`), as its Deployment
 does in the cluster: the first keeps the stage's ports, the others take +5..+9 (metrics +15..+19)
 in order, and the gateway gets every replica's address in one target
-(`ipv4:127.0.0.1:P1,127.0.0.1:P2`), over which its channel spreads the calls round robin."""
+(`ipv4:127.0.0.1:P1,127.0.0.1:P2`), over which its channel spreads the calls round robin.
+More gateway replicas (`start_gateway_replica`, on the same object store and workflow database)
+take the free ports of +5..+9 that stage replicas leave."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ STAGES = ("preprocess", "segmentation", "findings", "gateway")  # start order: g
 GRPC_OFFSETS = {"gateway": 1, "preprocess": 2, "segmentation": 3, "findings": 4}
 METRICS_OFFSET = 10  # a process's Prometheus port: its gRPC port + 10
 EXTRA_REPLICA_OFFSETS = (5, 6, 7, 8, 9)  # gRPC ports of the stages' second and further replicas
-# The gateway stays one process here: its workflow owns each study's record.
+# `up` replicates the stages; more gateways of a stack: start_gateway_replica.
 REPLICATED = ("preprocess", "segmentation", "findings")
 S3_OFFSET = 20
 DEFAULT_BASE = 50050
@@ -238,7 +240,8 @@ class Stack:
 
     def running(self) -> bool:
         info = self.info()
-        return bool(info and set(info.pids) == {"s3", *info.processes()} and all(_alive(p) for p in info.pids.values()))
+        # More gateway replicas (start_gateway_replica) may run beside the stack's own processes.
+        return bool(info and {"s3", *info.processes()} <= set(info.pids) and all(_alive(p) for p in info.pids.values()))
 
     def up(self, base_port: int = DEFAULT_BASE, timeout_s: float = 90.0, extra_env: dict | None = None,
            replicas: dict[str, int] | None = None) -> StackInfo:
@@ -328,18 +331,35 @@ class Stack:
         _terminate(pid, sig, timeout_s)
         self._write(info)
 
-    def _spawn_service(self, info: StackInfo, name: str) -> None:
-        env = {**info.service_env(name), **info.extra_env}
+    def _spawn_service(self, info: StackInfo, name: str, env: dict | None = None, key: str = "") -> None:
+        """Start process `name` (`segmentation-2`: a replica); `key` names it in the pids instead."""
+        env = {**info.service_env(name), **info.extra_env, **(env or {})}
+        if service_of(name) == "gateway":  # its workflow database (SQLite unless extra_env names one) goes with the stack
+            env.setdefault("CMRVL_STATE_DIR", str(self.dir / "gateway"))
         command = [sys.executable, "-m", "services", "serve", service_of(name)]
-        info.pids[name] = self._spawn(name, command, env)
+        info.pids[key or name] = self._spawn(key or name, command, env)
         self._write(info)
+
+    def start_gateway_replica(self, name: str, timeout_s: float = 60.0) -> str:
+        """One more gateway process of a running stack, replica `name` on the same object store and
+        workflow database, on the next free port of base+5..+9 (metrics off); returns its target.
+        `down` stops it; `stop_service(f"gateway@{name}")` kills it."""
+        info = self.info()
+        port = next((p for p in range(info.base_port + 5, info.base_port + 10) if _port_bindable(p)), None)
+        if port is None:
+            raise RuntimeError("no free port for another gateway replica (base+5..+9)")
+        key = f"gateway@{name}"
+        self._spawn_service(info, "gateway", {"CMRVL_GRPC_PORT": str(port), "CMRVL_METRICS_PORT": "0",
+                                              "CMRVL_GATEWAY_REPLICA": name}, key)
+        self._wait_healthy(info, key, timeout_s, target=f"127.0.0.1:{port}")
+        return f"127.0.0.1:{port}"
 
     def down(self, timeout_s: float = 30.0) -> None:
         info = self.info()
         if info is None:
             return
         # Gateway first, so no new work reaches the stages; S3 last.
-        order = sorted(info.pids, key=lambda name: (name != "gateway", name == "s3"))
+        order = sorted(info.pids, key=lambda name: (name.partition("@")[0] != "gateway", name == "s3"))
         for name in order:
             _terminate(info.pids[name], signal.SIGTERM, timeout_s)
         info.pids = {}
@@ -389,12 +409,12 @@ class Stack:
                     raise
                 time.sleep(0.5)
 
-    def _wait_healthy(self, info: StackInfo, name: str, timeout_s: float) -> None:
+    def _wait_healthy(self, info: StackInfo, name: str, timeout_s: float, target: str = "") -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(info.address(name)) as channel:
+        with grpc.insecure_channel(target or info.address(name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not _alive(info.pids[name]):

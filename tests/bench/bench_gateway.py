@@ -3,7 +3,8 @@
 The real gateway process and the real S3 server run as in `cmrvl up`; the three stage services
 are replaced by in-process stubs that sleep `--latency` seconds and return pre-made artifacts, so
 everything measured beyond the stubs' sleep is the gateway's own cost (upload, records, events,
-report). Prints the numbers; asserts nothing.
+report). The burst runs through one gateway replica, then through two (the studies alternate
+between them) on the same workflow database. Prints the numbers; asserts nothing.
 
 With `--replicas segmentation=2` the burst also runs against that many stub replicas of the stage
 (`cmrvl up --replicas`), each serving `--stage-capacity` calls at a time like a GPU pod, and
@@ -104,11 +105,11 @@ def measure(args, replicas: dict[str, int] | None = None) -> dict:
                 write_cine_study(folder, n_slices=4, n_phases=5, rows=32, cols=32, seed=i)
                 folders.append(folder)
 
-            def run(folder: Path) -> float:
-                client = StudyClient(info.target("gateway"), info.ris_token)
+            def run(folder: Path, target: str = info.target("gateway"), tag: str = "") -> float:
+                client = StudyClient(target, info.ris_token)
                 try:
                     started = time.perf_counter()
-                    study = client.submit_folder(folder, folder.name)
+                    study = client.submit_folder(folder, folder.name + tag)
                     for _ in client.watch(study.study_id):
                         pass
                     return time.perf_counter() - started
@@ -121,17 +122,24 @@ def measure(args, replicas: dict[str, int] | None = None) -> dict:
             stage_time = calls_per_study * args.latency
             overhead = statistics.median(sequential) - stage_time
             burst = folders[3:]
-            started = time.perf_counter()
-            with futures.ThreadPoolExecutor(len(burst)) as pool:
-                list(pool.map(run, burst))
-            elapsed = time.perf_counter() - started
+
+            def burst_rate(targets: list[str], tag: str) -> float:
+                started = time.perf_counter()
+                with futures.ThreadPoolExecutor(len(burst)) as pool:
+                    list(pool.map(lambda i: run(burst[i], targets[i % len(targets)], tag), range(len(burst))))
+                return 60 * len(burst) / (time.perf_counter() - started)
+
+            one = burst_rate([info.target("gateway")], "")
+            two = burst_rate([info.target("gateway"), stack.start_gateway_replica("bench-2")], "-two")
             result = {
                 "stage_latency_s": args.latency,
                 "end_to_end_median_s": round(statistics.median(sequential), 3),
                 "gateway_overhead_per_study_s": round(overhead, 3),
                 "overhead_ratio_to_stage_time": round(overhead / stage_time, 3),
                 "burst_studies": len(burst),
-                "studies_per_minute": round(60 * len(burst) / elapsed, 1),
+                "studies_per_minute": round(one, 1),  # one gateway replica
+                "studies_per_minute_2_gateway_replicas": round(two, 1),
+                "ratio_2_to_1_gateway_replicas": round(two / one, 3),
                 "stage_calls_per_study": round(calls_per_study, 2),
                 "ideal_studies_per_minute_at_concurrency_4": round(60 * 4 / stage_time, 1),
             }
