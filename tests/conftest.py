@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,49 @@ def require(path: Path) -> Path:
             pytest.fail(f"sample data missing in CI: {path}")
         pytest.skip(f"sample data not present: {path}")
     return path
+
+
+def wait_for(predicate, timeout_s: float = 120, what: str = "condition"):
+    """predicate()'s first truthy value, polled every 0.1 s; AssertionError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stage_of(client, study_id: str, stage):
+    """One stage's state of a study, as the gateway reports it (GetStudy)."""
+    return {s.stage: s for s in client.get_study(study_id).stages}[stage]
+
+
+def run_small_studies(info, root: Path, n: int, seed: int = 0) -> list:
+    """n small synthetic cine studies (4 slices x 5 phases, 24 x 24) submitted to the stack's
+    gateway at once, each watched to its end; their final GetStudy answers, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.gateway.client import StudyClient
+    from tests.dicom_factory import write_cine_study
+
+    folders = []
+    for i in range(n):
+        folder = root / f"study{seed + i}"
+        write_cine_study(folder, n_slices=4, n_phases=5, rows=24, cols=24, seed=seed + i)
+        folders.append(folder)
+
+    def run(folder):
+        client = StudyClient(info.target("gateway"), info.ris_token)
+        try:
+            study = client.submit_folder(folder, folder.name)
+            list(client.watch(study.study_id, timeout_s=600))
+            return client.get_study(study.study_id)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, folders))
 
 
 @pytest.fixture(scope="session")

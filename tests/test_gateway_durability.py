@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
-from tests.conftest import SUNNYBROOK_STUDY, require
+from tests.conftest import SUNNYBROOK_STUDY, require, wait_for
 
 
 @pytest.fixture()
@@ -31,15 +30,6 @@ def _client(stack):
     return StudyClient(info.target("gateway"), info.ris_token)
 
 
-def _wait_for(predicate, timeout_s=120, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_stack):
     folder = require(SUNNYBROOK_STUDY)
@@ -50,8 +40,8 @@ def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_
     def stage_state(stage):
         return {s.stage: s for s in client.get_study(study.study_id).stages}[stage]
 
-    _wait_for(lambda: stage_state(common_pb2.STAGE_PREPROCESS).state == "done", what="preprocess done")
-    _wait_for(lambda: stage_state(common_pb2.STAGE_SEGMENTATION).state == "waiting", what="segmentation retrying")
+    wait_for(lambda: stage_state(common_pb2.STAGE_PREPROCESS).state == "done", what="preprocess done")
+    wait_for(lambda: stage_state(common_pb2.STAGE_SEGMENTATION).state == "waiting", what="segmentation retrying")
     assert stage_state(common_pb2.STAGE_SEGMENTATION).attempts >= 1  # saved when the attempt started
     client.close()
 
@@ -105,7 +95,7 @@ def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
         stages = {s.stage: s for s in client.get_study(study.study_id).stages}
         return stages[common_pb2.STAGE_SEGMENTATION].state == "waiting"
 
-    _wait_for(segmentation_waiting, what="segmentation retrying")
+    wait_for(segmentation_waiting, what="segmentation retrying")
     answer = client.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=study.study_id), metadata=client.metadata)
     assert answer.status == study_pb2.STUDY_STATUS_CANCELLED  # stopped now, not after the retries
     events = list(client.watch(study.study_id, timeout_s=120))

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
+from tests.conftest import stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 
 FINAL = {study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL}
@@ -77,18 +78,6 @@ def small_study(tmp_path_factory):
     return write_cine_study(tmp_path_factory.mktemp("study") / "dicom", n_slices=4, n_phases=5)
 
 
-def _wait_for(predicate, timeout_s=60, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stage(client, study_id, stage):
-    return {s.stage: s for s in client.get_study(study_id).stages}[stage]
 
 
 def _cancel(client, study_id):
@@ -110,9 +99,9 @@ def test_a_stage_down_longer_than_the_old_retry_budget_is_waited_out_and_the_wat
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    _wait_for(lambda: _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "waiting",
+    wait_for(lambda: stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "waiting",
               what="segmentation waiting")
-    assert _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).attempts == 1  # saved at its start
+    assert stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).attempts == 1  # saved at its start
 
     fault_stack.stop_service("gateway", signal.SIGKILL)  # the watch's stream goes with it
     fault_stack.start_service("gateway")
@@ -126,14 +115,14 @@ def test_a_stage_down_longer_than_the_old_retry_budget_is_waited_out_and_the_wat
     assert events[-1].status in FINAL
     final = client.get_study(study.study_id)
     assert final.status in FINAL, final.error
-    assert _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "done"
+    assert stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "done"
 
 
 def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fault_stack, client, tmp_path, store_of):
     # A larger study: its segmentation takes seconds, time to cancel it.
     spec = write_cine_study(tmp_path / "dicom", n_slices=8, n_phases=8, rows=64, cols=64)
     study = client.submit_folder(spec.files[0].parent, f"cancel-{uuid.uuid4().hex[:6]}")
-    _wait_for(lambda: _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "running",
+    wait_for(lambda: stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "running",
               what="segmentation running")
     calls = _segment_calls(fault_stack)
     started = time.monotonic()
@@ -142,7 +131,7 @@ def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fau
     assert time.monotonic() - started < 3
     # The segmentation service sees its call cancelled; once its handler has returned, the record
     # must still say cancelled with no segmentation output.
-    _wait_for(lambda: _segment_calls(fault_stack) > calls, 120, "the segmentation handler to return")
+    wait_for(lambda: _segment_calls(fault_stack) > calls, 120, "the segmentation handler to return")
     time.sleep(1)
     record = store_of(fault_stack).get_json(store_of(fault_stack).bucket("studies"), f"{study.study_id}/study.json")
     assert record["status"] == "cancelled"
@@ -154,14 +143,14 @@ def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fau
 def test_a_queued_study_that_is_cancelled_never_starts(fault_stack, client, small_study, store_of):
     fault_stack.stop_service("preprocess")
     holder = client.submit_folder(small_study.files[0].parent, f"holder-{uuid.uuid4().hex[:6]}")
-    _wait_for(lambda: _stage(client, holder.study_id, common_pb2.STAGE_PREPROCESS).state == "waiting",
+    wait_for(lambda: stage_of(client, holder.study_id, common_pb2.STAGE_PREPROCESS).state == "waiting",
               what="the first study retrying preprocess")
     queued = client.submit_folder(small_study.files[0].parent, f"queued-{uuid.uuid4().hex[:6]}")
     time.sleep(1)
     waiting = client.get_study(queued.study_id)
     assert waiting.status == study_pb2.STUDY_STATUS_QUEUED  # waiting for the one slot, not running
-    assert _stage(client, queued.study_id, common_pb2.STAGE_PREPROCESS).state == "waiting"
-    assert _stage(client, queued.study_id, common_pb2.STAGE_PREPROCESS).attempts == 0
+    assert stage_of(client, queued.study_id, common_pb2.STAGE_PREPROCESS).state == "waiting"
+    assert stage_of(client, queued.study_id, common_pb2.STAGE_PREPROCESS).attempts == 0
 
     assert _cancel(client, queued.study_id).status == study_pb2.STUDY_STATUS_CANCELLED
     assert _cancel(client, holder.study_id).status == study_pb2.STUDY_STATUS_CANCELLED  # cancelled in its backoff
@@ -170,7 +159,7 @@ def test_a_queued_study_that_is_cancelled_never_starts(fault_stack, client, smal
     for study in (queued, holder):
         final = client.get_study(study.study_id)
         assert final.status == study_pb2.STUDY_STATUS_CANCELLED
-    assert _stage(client, queued.study_id, common_pb2.STAGE_PREPROCESS).attempts == 0
+    assert stage_of(client, queued.study_id, common_pb2.STAGE_PREPROCESS).attempts == 0
     store = store_of(fault_stack)
     assert not list(store.list_keys(store.bucket("artifacts"), f"{queued.study_id}/"))
 
@@ -200,14 +189,14 @@ def test_a_failed_study_runs_again_when_resubmitted_with_retry(fault_stack, clie
     assert final.status in FINAL, final.error
     assert final.error == ""
     assert any(e.message.startswith("study submitted again after it was failed") for e in events)
-    assert _stage(client, rerun.study_id, common_pb2.STAGE_PREPROCESS).attempts == 1  # this run's
+    assert stage_of(client, rerun.study_id, common_pb2.STAGE_PREPROCESS).attempts == 1  # this run's
 
 
 def test_object_store_outage_is_unavailable_for_the_ris_and_waited_out_by_the_workflow(
         fault_stack, client, small_study):
     fault_stack.stop_service("segmentation")
     study = client.submit_folder(small_study.files[0].parent, f"store-{uuid.uuid4().hex[:6]}")
-    _wait_for(lambda: _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "waiting",
+    wait_for(lambda: stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "waiting",
               what="segmentation waiting")
     fault_stack.stop_service("s3")
     fault_stack.start_service("segmentation")  # it answers UNAVAILABLE while the store is down
@@ -235,7 +224,7 @@ def test_stage_services_leave_no_temp_folders(fault_stack, client):
     from services.runtime import scratch
 
     pids = fault_stack.info().pids
-    killed, live = (_wait_for(lambda: list(fault_stack.tmp.glob(f"cmrvl-proc-{pids[name]}-*")), what=name)[0]
+    killed, live = (wait_for(lambda: list(fault_stack.tmp.glob(f"cmrvl-proc-{pids[name]}-*")), what=name)[0]
                     for name in ("segmentation", "preprocess"))
     fault_stack.stop_service("segmentation", signal.SIGKILL)
     assert killed.exists()  # a killed process cannot clean up

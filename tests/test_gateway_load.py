@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from cmrvl.v1 import study_pb2
-from tests.dicom_factory import write_cine_study
+from tests.conftest import run_small_studies
 
 N_STUDIES = 20
 
@@ -33,26 +32,8 @@ def _peaks(metrics_text: str) -> dict[str, float]:
 
 
 def test_twenty_concurrent_studies_complete_within_the_stage_limits(limited_stack, tmp_path):
-    from services.gateway.client import StudyClient
-
     info = limited_stack.info()
-    folders = []
-    for i in range(N_STUDIES):
-        folder = tmp_path / f"study{i}"
-        write_cine_study(folder, n_slices=4, n_phases=5, rows=24, cols=24, seed=i)
-        folders.append(folder)
-
-    def run(folder):
-        client = StudyClient(info.target("gateway"), info.ris_token)
-        try:
-            study = client.submit_folder(folder, folder.name)
-            list(client.watch(study.study_id, timeout_s=600))
-            return client.get_study(study.study_id)
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(N_STUDIES) as pool:
-        finals = list(pool.map(run, folders))
+    finals = run_small_studies(info, tmp_path, N_STUDIES)
     assert len({s.study_id for s in finals}) == N_STUDIES
     assert all(s.status in (study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL) for s in finals), \
         [s.error for s in finals]

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
+from tests.conftest import stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 from tests.pg_fixtures import postgres_cluster
 
@@ -57,18 +58,6 @@ def _client(target, token):
     return StudyClient(target, token)
 
 
-def _wait_for(predicate, timeout_s=120, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stage(client, study_id, stage):
-    return {s.stage: s for s in client.get_study(study_id).stages}[stage]
 
 
 def _workflow_status(stack, study_id: str, run: int = 1):
@@ -87,7 +76,7 @@ def test_gateway_killed_mid_study_continues_from_the_workflow_database(engine_st
     engine_stack.stop_service("segmentation")  # the study waits in segmentation's retries
     client = _client(info.target("gateway"), info.ris_token)
     study = client.submit_folder(small_study, f"kill-{uuid.uuid4().hex[:6]}")
-    _wait_for(lambda: _stage(client, study.study_id, common_pb2.STAGE_SEGMENTATION).attempts >= 1,
+    wait_for(lambda: stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).attempts >= 1,
               what="segmentation attempted")
     assert _workflow_status(engine_stack, study.study_id).status == "PENDING"
     client.close()
@@ -116,7 +105,7 @@ def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the
     engine_stack.stop_service("segmentation")
     a = _client(info.target("gateway"), info.ris_token)
     first = a.submit_folder(small_study, f"shared-{uuid.uuid4().hex[:6]}")  # runs on gw-a (alone so far)
-    _wait_for(lambda: _stage(a, first.study_id, common_pb2.STAGE_SEGMENTATION).attempts >= 1,
+    wait_for(lambda: stage_of(a, first.study_id, common_pb2.STAGE_SEGMENTATION).attempts >= 1,
               what="segmentation attempted on gw-a")
     assert _workflow_status(engine_stack, first.study_id).executor_id == "gw-a"
 
@@ -128,7 +117,7 @@ def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the
     # A study submitted to gw-b waits for the one segmentation slot (held by the first study,
     # whichever replica runs it): cancelled through gw-a, it never starts.
     second = b.submit_folder(small_study, f"queued-{uuid.uuid4().hex[:6]}")
-    _wait_for(lambda: _stage(b, second.study_id, common_pb2.STAGE_PREPROCESS).state == "done",
+    wait_for(lambda: stage_of(b, second.study_id, common_pb2.STAGE_PREPROCESS).state == "done",
               what="second study preprocessed")
     cancelled = a.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=second.study_id), metadata=a.metadata,
                                    timeout=30)
@@ -147,7 +136,7 @@ def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the
 
     time.sleep(2)  # the segmentation slot is free: a wrongly started cancelled study would run now
     assert b.get_study(second.study_id).status == study_pb2.STUDY_STATUS_CANCELLED
-    assert _stage(b, second.study_id, common_pb2.STAGE_SEGMENTATION).attempts == 0
+    assert stage_of(b, second.study_id, common_pb2.STAGE_SEGMENTATION).attempts == 0
     store = store_of_stack(engine_stack)
     assert not list(store.list_keys(store.bucket("artifacts"), f"{second.study_id}/segmentation/"))
     assert _workflow_status(engine_stack, second.study_id).status == "CANCELLED"

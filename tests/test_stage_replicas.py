@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 import signal
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from cmrvl.v1 import study_pb2
-from tests.dicom_factory import write_cine_study
+from tests.conftest import run_small_studies
 
 N_STUDIES = 4
 SEGMENT = "/cmrvl.v1.SegmentationService/Segment"
@@ -35,28 +34,6 @@ def _segment_calls(info, name: str) -> float:
     return sum(float(m.group(2)) for m in re.finditer(pattern, text, re.M))
 
 
-def _run_studies(info, root, n: int, seed: int) -> list:
-    from services.gateway.client import StudyClient
-
-    folders = []
-    for i in range(n):
-        folder = root / f"study{seed + i}"
-        write_cine_study(folder, n_slices=4, n_phases=5, rows=24, cols=24, seed=seed + i)
-        folders.append(folder)
-
-    def run(folder):
-        client = StudyClient(info.target("gateway"), info.ris_token)
-        try:
-            study = client.submit_folder(folder, folder.name)
-            list(client.watch(study.study_id, timeout_s=600))
-            return client.get_study(study.study_id)
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, folders))
-
-
 def test_the_gateway_spreads_segment_calls_over_both_replicas(replica_stack, tmp_path):
     info = replica_stack.info()
     assert info.processes().count("segmentation-2") == 1
@@ -65,7 +42,7 @@ def test_the_gateway_spreads_segment_calls_over_both_replicas(replica_stack, tmp
     assert info.service_env("gateway")["CMRVL_SEGMENTATION_TARGET"] == info.target("segmentation")
     before = {name: _segment_calls(info, name) for name in ("segmentation", "segmentation-2")}
 
-    finals = _run_studies(info, tmp_path, N_STUDIES, seed=0)
+    finals = run_small_studies(info, tmp_path, N_STUDIES, seed=0)
 
     assert all(s.status in (study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL) for s in finals), \
         [s.error for s in finals]

@@ -13,10 +13,10 @@ import uuid
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
+from tests.conftest import stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 from tests.test_gateway_workflow_engine import (  # noqa: F401 - fixtures
-    FINAL, _client, _stage, _wait_for, _workflow_status, database, engine_stack, postgres,
-    store_of_stack)
+    FINAL, _client, _workflow_status, database, engine_stack, postgres, store_of_stack)
 
 pytestmark = pytest.mark.integration
 N_STUDIES = 6
@@ -40,7 +40,7 @@ def test_studies_survive_a_killed_replica_stage_and_store(engine_stack, store_of
     watchers = [threading.Thread(target=watch, args=(s,)) for s in studies]
     for w in watchers:
         w.start()
-    _wait_for(lambda: any(_stage(b, s.study_id, common_pb2.STAGE_PREPROCESS).state == "done" for s in studies),
+    wait_for(lambda: any(stage_of(b, s.study_id, common_pb2.STAGE_PREPROCESS).state == "done" for s in studies),
               what="a study past preprocessing")
     assert b.stub.CancelStudy(study_pb2.CancelStudyRequest(study_id=victim.study_id), metadata=b.metadata,
                               timeout=30).status == study_pb2.STUDY_STATUS_CANCELLED
