@@ -14,28 +14,25 @@ py="${PYTHON:-python3}"
 if [ "$dev" = 0 ]; then
   .venv/bin/python -m pip install -q -e .
 else
-  # The side venvs are independent: install them while the main one installs.
+  # The side venvs are independent: install them while the main one installs. The two apt
+  # installs (DICOM tools, PostgreSQL) run in turn in one job: apt takes one lock at a time.
   mkdir -p .venvs
   pids=()
-  for tool in chart-tools triton vllm train dicom-tools; do
-    bash "infra/tools/install-$tool.sh" > ".venvs/install-$tool.log" 2>&1 &
-    pids+=("$!:$tool")
+  for tools in chart-tools triton vllm train "dicom-tools postgres"; do
+    (for tool in $tools; do bash "infra/tools/install-$tool.sh" > ".venvs/install-$tool.log" 2>&1 || exit 1; done) &
+    pids+=("$!:$tools")
   done
   .venv/bin/python -m pip install -q -e '.[dev]'
   failed=0
   for entry in "${pids[@]}"; do
     if ! wait "${entry%%:*}"; then
-      echo "install-${entry##*:}.sh failed:" >&2
-      tail -n 30 ".venvs/install-${entry##*:}.log" >&2
+      for tool in ${entry##*:}; do
+        echo "install-$tool.sh failed or did not run:" >&2
+        tail -n 30 ".venvs/install-$tool.log" >&2 2>/dev/null || true
+      done
       failed=1
     fi
   done
-  # After the DICOM tools: both use apt, which takes one lock at a time.
-  if ! bash infra/tools/install-postgres.sh > .venvs/install-postgres.log 2>&1; then
-    echo "install-postgres.sh failed:" >&2
-    tail -n 30 .venvs/install-postgres.log >&2
-    failed=1
-  fi
   [ "$failed" = 0 ]
 fi
 .venv/bin/cmrvl --help > /dev/null
