@@ -202,8 +202,7 @@ class Workflow:
         try:  # at start-up, one line naming the setting, not a traceback later
             self.replicas.beat()
         except Exception as exc:  # noqa: BLE001 - any driver error
-            raise SettingsError(f"CMRVL_WORKFLOW_DATABASE_URL: workflow database {redacted(self.database_url)} "
-                                f"not usable: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise SettingsError(self._unusable(exc)) from None
         self.queues: dict = {}
         self._inflight = {stage: 0 for stage in STAGES}
         self._peak = dict(self._inflight)
@@ -224,6 +223,11 @@ class Workflow:
             "application_version": APP_VERSION, "log_level": "WARNING",
         })
 
+    def _unusable(self, exc: Exception) -> str:
+        """One line naming the setting and the database (no password) and what went wrong."""
+        return (f"CMRVL_WORKFLOW_DATABASE_URL: workflow database {redacted(self.database_url)} not usable: "
+                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Launch DBOS (it recovers this replica's unfinished workflows), declare the queues,
@@ -232,20 +236,16 @@ class Workflow:
             self.replicas.beat()  # first: a live replica's workflows are never taken for a dead one's
             DBOS.launch()
         except Exception as exc:  # noqa: BLE001 - one line naming the setting, not a traceback
-            raise RuntimeError(f"workflow database {redacted(self.database_url)} not usable "
-                               f"(CMRVL_WORKFLOW_DATABASE_URL): {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise RuntimeError(self._unusable(exc)) from None
         s = self.settings
         # Per-stage limits in the database, shared by every replica; the report is built in
         # this process, so its limit is per replica.
         self.limits = {"preprocess": s.preprocess_concurrency, "segmentation": s.segmentation_concurrency,
                        "findings": s.findings_concurrency, "report": s.workflow_workers}
-        limits = {"preprocess": {"global_concurrency": s.preprocess_concurrency},
-                  "segmentation": {"global_concurrency": s.segmentation_concurrency},
-                  "findings": {"global_concurrency": s.findings_concurrency},
-                  "report": {"worker_concurrency": s.workflow_workers}}
-        self.queues = {stage: DBOS.register_queue(f"cmrvl-{stage}", polling_interval_sec=QUEUE_POLL_S,
-                                                  on_conflict="always_update", **limit)
-                       for stage, limit in limits.items()}
+        self.queues = {stage: DBOS.register_queue(
+            f"cmrvl-{stage}", polling_interval_sec=QUEUE_POLL_S, on_conflict="always_update",
+            **{"worker_concurrency" if stage == "report" else "global_concurrency": limit})
+            for stage, limit in self.limits.items()}
         threading.Thread(target=self._watch_replicas, name="replicas", daemon=True).start()
         self.reconcile()
 
