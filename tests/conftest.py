@@ -33,6 +33,15 @@ def wait_for(predicate, timeout_s: float = 120, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def object_store(info):
+    """The object store of a local stack (its StackInfo), as the services reach it."""
+    from services.runtime.settings import Settings
+    from services.runtime.storage import ObjectStore
+
+    return ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
+                                s3_secret_key=info.secret_key))
+
+
 def stage_of(client, study_id: str, stage):
     """One stage's state of a study, as the gateway reports it (GetStudy)."""
     return {s.stage: s for s in client.get_study(study_id).stages}[stage]
@@ -103,11 +112,7 @@ def stack_info(stack):
 
 @pytest.fixture(scope="session")
 def store(stack_info):
-    from services.runtime.settings import Settings
-    from services.runtime.storage import ObjectStore
-
-    return ObjectStore(Settings(s3_endpoint=stack_info.s3_endpoint, s3_access_key=stack_info.access_key,
-                                s3_secret_key=stack_info.secret_key))
+    return object_store(stack_info)
 
 
 @pytest.fixture()

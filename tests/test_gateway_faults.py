@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
-from tests.conftest import stage_of, wait_for
+from tests.conftest import object_store, stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 
 FINAL = {study_pb2.STUDY_STATUS_COMPLETED, study_pb2.STUDY_STATUS_PARTIAL}
@@ -50,19 +50,6 @@ def client(fault_stack):
     client = StudyClient(info.target("gateway"), info.ris_token)
     yield client
     client.close()
-
-
-@pytest.fixture(scope="module")
-def store_of():
-    from services.runtime.settings import Settings
-    from services.runtime.storage import ObjectStore
-
-    def store(stack):
-        info = stack.info()
-        return ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
-                                    s3_secret_key=info.secret_key))
-
-    return store
 
 
 def _segment_calls(stack) -> float:
@@ -118,7 +105,7 @@ def test_a_stage_down_longer_than_the_old_retry_budget_is_waited_out_and_the_wat
     assert stage_of(client, study.study_id, common_pb2.STAGE_SEGMENTATION).state == "done"
 
 
-def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fault_stack, client, tmp_path, store_of):
+def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fault_stack, client, tmp_path):
     # A larger study: its segmentation takes seconds, time to cancel it.
     spec = write_cine_study(tmp_path / "dicom", n_slices=8, n_phases=8, rows=64, cols=64)
     study = client.submit_folder(spec.files[0].parent, f"cancel-{uuid.uuid4().hex[:6]}")
@@ -133,14 +120,15 @@ def test_cancel_reaches_the_running_stage_and_nothing_it_returns_is_recorded(fau
     # must still say cancelled with no segmentation output.
     wait_for(lambda: _segment_calls(fault_stack) > calls, 120, "the segmentation handler to return")
     time.sleep(1)
-    record = store_of(fault_stack).get_json(store_of(fault_stack).bucket("studies"), f"{study.study_id}/study.json")
+    store = object_store(fault_stack.info())
+    record = store.get_json(store.bucket("studies"), f"{study.study_id}/study.json")
     assert record["status"] == "cancelled"
     assert record["stages"]["segmentation"]["outputs"] == {}
     assert record["stages"]["report"]["attempts"] == 0
     assert record["events"][-1]["message"] == "study cancelled"
 
 
-def test_a_queued_study_that_is_cancelled_never_starts(fault_stack, client, small_study, store_of):
+def test_a_queued_study_that_is_cancelled_never_starts(fault_stack, client, small_study):
     fault_stack.stop_service("preprocess")
     holder = client.submit_folder(small_study.files[0].parent, f"holder-{uuid.uuid4().hex[:6]}")
     wait_for(lambda: stage_of(client, holder.study_id, common_pb2.STAGE_PREPROCESS).state == "waiting",
@@ -160,7 +148,7 @@ def test_a_queued_study_that_is_cancelled_never_starts(fault_stack, client, smal
         final = client.get_study(study.study_id)
         assert final.status == study_pb2.STUDY_STATUS_CANCELLED
     assert stage_of(client, queued.study_id, common_pb2.STAGE_PREPROCESS).attempts == 0
-    store = store_of(fault_stack)
+    store = object_store(fault_stack.info())
     assert not list(store.list_keys(store.bucket("artifacts"), f"{queued.study_id}/"))
 
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
-from tests.conftest import stage_of, wait_for
+from tests.conftest import object_store, stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 from tests.pg_fixtures import postgres_cluster
 
@@ -100,7 +100,7 @@ def test_gateway_killed_mid_study_continues_from_the_workflow_database(engine_st
 
 
 def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the_other(
-        engine_stack, small_study, store_of_stack):
+        engine_stack, small_study):
     info = engine_stack.info()
     engine_stack.stop_service("segmentation")
     a = _client(info.target("gateway"), info.ris_token)
@@ -137,23 +137,10 @@ def test_two_replicas_share_studies_and_a_killed_replicas_study_continues_on_the
     time.sleep(2)  # the segmentation slot is free: a wrongly started cancelled study would run now
     assert b.get_study(second.study_id).status == study_pb2.STUDY_STATUS_CANCELLED
     assert stage_of(b, second.study_id, common_pb2.STAGE_SEGMENTATION).attempts == 0
-    store = store_of_stack(engine_stack)
+    store = object_store(engine_stack.info())
     assert not list(store.list_keys(store.bucket("artifacts"), f"{second.study_id}/segmentation/"))
     assert _workflow_status(engine_stack, second.study_id).status == "CANCELLED"
     b.close()
-
-
-@pytest.fixture()
-def store_of_stack():
-    from services.runtime.settings import Settings
-    from services.runtime.storage import ObjectStore
-
-    def store(stack):
-        info = stack.info()
-        return ObjectStore(Settings(s3_endpoint=info.s3_endpoint, s3_access_key=info.access_key,
-                                    s3_secret_key=info.secret_key))
-
-    return store
 
 
 def test_an_unreachable_workflow_database_is_one_line_at_start_without_its_password(tmp_path):

@@ -34,11 +34,6 @@ PEER_PYTHON = REPO / ".venvs" / "peer" / "bin" / "python"
 CLASSES = {1: "LV cavity", 2: "LV myocardium", 3: "RV"}
 
 
-def dice(a, b):
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def run_peer(volumes: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]] | None:
     """The peer's labels (platform values) and seconds per volume, or None when it is not installed."""
     from training.nnunet.convert import ACDC_TO_PLATFORM, remap
@@ -69,6 +64,7 @@ def only(labels: np.ndarray, scored_slices, i: int) -> np.ndarray:
 def score(preds, refs, affines, names, scored_slices=None, classes=(1, 2, 3)) -> dict:
     """Mean Dice per class (and per phase) and clinical errors per patient (cases `<patient>_ed|es`)."""
     from services.segmentation.function import measure_labels
+    from training.nnunet.evaluate import dice
 
     per_case = {}
     for i, name in enumerate(names):

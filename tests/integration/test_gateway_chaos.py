@@ -13,16 +13,16 @@ import uuid
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
-from tests.conftest import stage_of, wait_for
+from tests.conftest import object_store, stage_of, wait_for
 from tests.dicom_factory import write_cine_study
 from tests.test_gateway_workflow_engine import (  # noqa: F401 - fixtures
-    FINAL, _client, _workflow_status, database, engine_stack, postgres, store_of_stack)
+    FINAL, _client, _workflow_status, database, engine_stack, postgres)
 
 pytestmark = pytest.mark.integration
 N_STUDIES = 6
 
 
-def test_studies_survive_a_killed_replica_stage_and_store(engine_stack, store_of_stack, tmp_path):
+def test_studies_survive_a_killed_replica_stage_and_store(engine_stack, tmp_path):
     info = engine_stack.info()
     folders = [write_cine_study(tmp_path / f"s{i}", n_slices=4, n_phases=5, rows=24, cols=24, seed=i).files[0].parent
                for i in range(N_STUDIES)]
@@ -54,7 +54,7 @@ def test_studies_survive_a_killed_replica_stage_and_store(engine_stack, store_of
         w.join(900)
     a.close()
 
-    store = store_of_stack(engine_stack)
+    store = object_store(engine_stack.info())
     for study in studies:
         final = b.get_study(study.study_id)
         assert final.status in FINAL, (study.study_id, final.error)
