@@ -6,15 +6,17 @@ study (a retry of a failed or cancelled one is the next run)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime, timezone
 
-from services.runtime.storage import ObjectNotFound, ObjectStore
+from services.runtime.storage import ObjectNotFound, ObjectStore, WriteConflict
 
 # Stage names in workflow order, and the overall progress once each is done.
 STAGES = ("preprocess", "segmentation", "findings", "report")
 PROGRESS_AFTER = {"received": 5.0, "preprocess": 25.0, "segmentation": 60.0, "findings": 85.0, "report": 100.0}
 TERMINAL = frozenset({"completed", "partial", "failed", "cancelled"})
+log = logging.getLogger("cmrvl.records")
 _NAMESPACE = uuid.UUID("6f1d7a52-4c1e-4c55-9d2b-1c7e0b9a4e21")
 
 
@@ -27,6 +29,10 @@ def study_id_for(study_instance_uid: str, client_request_id: str) -> str:
     if not client_request_id:
         return uuid.uuid4().hex
     return uuid.uuid5(_NAMESPACE, f"{study_instance_uid}\n{client_request_id}").hex
+
+
+def run_of(record: dict) -> int:
+    return record.get("run", 1)
 
 
 def _fresh_stages() -> dict:
@@ -83,20 +89,51 @@ class RecordStore:
         except ObjectNotFound:
             return None
 
-    def put(self, record: dict) -> None:
-        record["updated_at"] = now()
-        self.store.put_json(self.bucket, self.key(record["study_id"]), record)
+    def get_tagged(self, study_id: str) -> tuple[dict | None, str | None]:
+        """The record and its ETag, to write it back with put(record, etag)."""
+        try:
+            return self.store.get_json_tagged(self.bucket, self.key(study_id))
+        except ObjectNotFound:
+            return None, None
 
-    def add_event(self, record: dict, stage: str, message: str, percent: float | None = None,
-                  save: bool = True) -> None:
+    def put(self, record: dict, etag: str | None) -> None:
+        """Write the record back over the version read with `etag`, or (None) as a new one.
+        WriteConflict: another writer (a cancel, another replica) got there first; read again."""
+        record["updated_at"] = now()
+        self.store.put_json(self.bucket, self.key(record["study_id"]), record, if_match=etag, if_absent=etag is None)
+
+    def update(self, study_id: str, run: int, change) -> dict | None:
+        """Read the record, let `change(record)` edit it (False: nothing to write) and write it
+        back over the version read; a write that lost to another writer is read and decided
+        again. None: no record, another run's, or final (a cancel won)."""
+        while True:
+            record, etag = self.get_tagged(study_id)
+            if record is None or run_of(record) != run or record["status"] in TERMINAL:
+                return None
+            if change(record) is False:
+                return record
+            try:
+                self.put(record, etag)
+                return record
+            except WriteConflict:
+                continue
+
+    def check_write_conditions(self) -> None:
+        """Say it once at start-up if the store ignores conditional writes: concurrent writers
+        (a cancel and a stage's end) could then overwrite each other's record."""
+        if not self.store.keeps_write_conditions(self.bucket):
+            log.warning("the object store ignores conditional writes (If-Match / If-None-Match): "
+                        "a study record written by two replicas at once may lose one write; "
+                        "use MinIO RELEASE.2024-11 or later, SeaweedFS 3.9x or later")
+
+    @staticmethod
+    def add_event(record: dict, stage: str, message: str, percent: float | None = None) -> None:
         events = record["events"]
         events.append({
             "sequence": len(events), "stage": stage, "status": record["status"],
             "percent": PROGRESS_AFTER.get(stage, events[-1]["percent"]) if percent is None else percent,
             "message": message, "time": now(),
         })
-        if save:
-            self.put(record)
 
     def all(self) -> list[dict]:
         records = []

@@ -35,6 +35,7 @@ def service_spec(settings: Settings) -> ServiceSpec:
     store = ObjectStore(settings)
     store.ensure_buckets()
     records = RecordStore(store)
+    records.check_write_conditions()
     workflow = Workflow(settings, records, ReportBuilder(store, settings.pacs_target, settings.pacs_calling_aet))
     servicer = StudyServicer(settings, store, records, workflow)
     return ServiceSpec(

@@ -12,7 +12,8 @@ from pathlib import Path, PurePosixPath
 import grpc
 
 from cmrvl.v1 import common_pb2, study_pb2, study_pb2_grpc
-from services.gateway.records import STAGES, TERMINAL, RecordStore, new_record, restart_record, study_id_for
+from services.gateway.records import (STAGES, TERMINAL, RecordStore, WriteConflict, new_record, restart_record,
+                                      study_id_for)
 from services.gateway.workflow import Workflow
 from services.runtime import scratch
 from services.runtime.errors import StageError, grpc_errors, status_for
@@ -105,21 +106,27 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def _existing_or_new(self, study_uid: str, client_request_id: str, upload, height, weight,
                          retry: bool = False) -> dict:
         study_id = study_id_for(study_uid, client_request_id)
-        existing = self.records.get(study_id)
-        if existing is not None and not (retry and existing["status"] in RETRYABLE_ENDS):
-            log.info("submission %s for study %s already exists", client_request_id, study_id)
-            if existing["status"] not in TERMINAL:  # (idempotent) in case a crash lost its enqueue
-                self.workflow.enqueue(study_id, existing.get("run", 1))
-            return existing
-        dicom_prefix = upload(study_id)
-        if existing is not None:
-            log.info("study %s: run again after it was %s", study_id, existing["status"])
-            record = restart_record(existing, dicom_prefix, height, weight)
-        else:
-            record = new_record(study_id, study_uid, client_request_id, dicom_prefix, height, weight)
-        self.records.put(record)  # from now on the study exists; its run starts below
-        self.workflow.enqueue(study_id, record["run"])
-        return record
+        dicom_prefix = None
+        while True:
+            existing, etag = self.records.get_tagged(study_id)
+            if existing is not None and not (retry and existing["status"] in RETRYABLE_ENDS):
+                log.info("submission %s for study %s already exists", client_request_id, study_id)
+                if existing["status"] not in TERMINAL:  # (idempotent) in case a crash lost its enqueue
+                    self.workflow.enqueue(study_id, existing.get("run", 1))
+                return existing
+            if dicom_prefix is None:
+                dicom_prefix = upload(study_id)
+            if existing is not None:
+                log.info("study %s: run again after it was %s", study_id, existing["status"])
+                record = restart_record(existing, dicom_prefix, height, weight)
+            else:
+                record = new_record(study_id, study_uid, client_request_id, dicom_prefix, height, weight)
+            try:
+                self.records.put(record, etag)  # from now on the study (run) exists; it starts below
+            except WriteConflict:
+                continue  # the same submission came through another call (or replica) meanwhile
+            self.workflow.enqueue(study_id, record["run"])
+            return record
 
     @grpc_errors
     def SubmitStudy(self, request_iterator, context):

@@ -8,9 +8,9 @@ Postgres in the cluster): a gateway killed mid-study continues at its next start
 replica, see replicas.py) from the last finished stage and never runs a finished one again.
 
 The study record in the object store (records.py) stays the RIS-facing view (status, stages,
-WatchStudy events, partial reports): every write reads it afresh and never overwrites a final
-record or another run's, because the writers (a study's workflow, its stage child, a cancel)
-may be threads of different replicas.
+WatchStudy events, partial reports): every write reads it afresh and writes it back only over the
+version it read (a conditional write), so it never overwrites a final record or another run's,
+also when the writers (a study's workflow, its stage child, a cancel) are different replicas.
 
 Outages (a stage answering UNAVAILABLE, the object store out of reach) are waited out for
 `outage_retry_s` with capped backoff (call_with_retry); a study fails only for its own reason
@@ -33,7 +33,7 @@ from dbos import error as dbos_error
 from prometheus_client import Counter, Gauge
 
 from cmrvl.v1 import common_pb2, stages_pb2, stages_pb2_grpc
-from services.gateway.records import STAGES, TERMINAL, RecordStore
+from services.gateway.records import STAGES, TERMINAL, RecordStore, run_of
 from services.gateway.replicas import Replicas, database_url, redacted
 from services.runtime.clients import Backoff, CallAbandoned, call_with_retry, open_channel
 from services.runtime.settings import Settings, SettingsError
@@ -75,10 +75,6 @@ class _Stopping(BaseException):
 
 def workflow_id(study_id: str, run: int) -> str:
     return f"study-{study_id}-run{run}"
-
-
-def _run_of(record: dict) -> int:
-    return record.get("run", 1)
 
 
 class _Abandon:
@@ -279,7 +275,7 @@ class Workflow:
         for record in self.records.all():
             if record["status"] in TERMINAL:
                 continue
-            study_id, run = record["study_id"], _run_of(record)
+            study_id, run = record["study_id"], run_of(record)
             status = DBOS.get_workflow_status(workflow_id(study_id, run))
             if status is None:
                 self.enqueue(study_id, run)
@@ -313,19 +309,14 @@ class Workflow:
 
     # -- the record (the RIS-facing view) -------------------------------------------------------
     def _update(self, study_id: str, run: int, change, keep: bool = True) -> dict | None:
-        """Read the record, let `change(record)` edit it (it returns False for no write), write
-        it back. None: the record is another run's or already final (a cancel won), or (not
-        `keep`) the store is out of reach. `keep`: an end that must be kept: a store outage is
+        """RecordStore.update (a conditional read-change-write) through store outages. None: the
+        record is another run's or already final (a cancel won), or (not `keep`) the store is out
+        of reach. `keep`: an end that must be kept: a store outage is
         waited out (until the gateway stops), so that the stage's work is not done again."""
         backoff = Backoff(self.settings.retry_backoff_s, self.settings.max_backoff_s, float("inf"))
         while True:
             try:
-                record = self.records.get(study_id)
-                if record is None or _run_of(record) != run or record["status"] in TERMINAL:
-                    return None
-                if change(record) is not False:
-                    self.records.put(record)
-                return record
+                return self.records.update(study_id, run, change)
             except ConnectionError as exc:
                 if not keep:
                     log.warning("study %s: progress not saved: %s", study_id, exc)
@@ -341,7 +332,7 @@ class Workflow:
             for state in record["stages"].values():
                 if state["state"] in ("running", "waiting"):
                     state["state"] = "pending"
-            self.records.add_event(record, record["current_stage"], "study cancelled", save=False)
+            self.records.add_event(record, record["current_stage"], "study cancelled")
 
         if self._update(study_id, run, change, keep=keep) is not None:
             STUDIES_FINISHED.labels("cancelled").inc()
@@ -349,7 +340,7 @@ class Workflow:
     def fail_unexpected(self, study_id: str, run: int, exc: BaseException) -> None:
         def change(record: dict) -> None:
             record["status"], record["error"] = "failed", f"gateway error: {type(exc).__name__}: {exc}"
-            self.records.add_event(record, record["current_stage"], record["error"], save=False)
+            self.records.add_event(record, record["current_stage"], record["error"])
 
         if self._update(study_id, run, change) is not None:
             STUDIES_FINISHED.labels("failed").inc()
@@ -374,7 +365,7 @@ class Workflow:
                 return False
             if stage == "findings" and record["stages"]["segmentation"]["state"] != "done":
                 state.update(state="skipped", error="needs the segmentation masks")
-                self.records.add_event(record, stage, "findings skipped: no segmentation masks", save=False)
+                self.records.add_event(record, stage, "findings skipped: no segmentation masks")
                 decision["next"] = "skip"
                 return True
             record["current_stage"] = stage
@@ -391,7 +382,7 @@ class Workflow:
             record["status"] = "partial" if skipped else "completed"
             record["current_stage"] = "report"
             self.records.add_event(record, "report", f"study {record['status']}"
-                                   + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0, save=False)
+                                   + (f" (without {', '.join(skipped)})" if skipped else ""), 100.0)
 
         record = self._update(study_id, run, change)
         if record is None:
@@ -431,7 +422,7 @@ class Workflow:
                 r["current_stage"] = stage
                 if r["status"] == "queued":
                     r["status"] = "running"
-                self.records.add_event(r, stage, f"{stage} started", percent=r["events"][-1]["percent"], save=False)
+                self.records.add_event(r, stage, f"{stage} started", percent=r["events"][-1]["percent"])
             self._update(study_id, run, change, keep=False)
 
         def on_wait(delay_s: float, reason: str) -> None:
@@ -473,7 +464,7 @@ class Workflow:
                 r["study_instance_uid"] = outputs["study_instance_uid"]
             if new_state == "failed":
                 r["status"], r["error"] = "failed", message
-            self.records.add_event(r, stage, message, save=False)
+            self.records.add_event(r, stage, message)
             return True
 
         if self._update(study_id, run, commit) is None or abandon.cancelled():

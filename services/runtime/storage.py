@@ -52,6 +52,10 @@ class StorageAuthError(PermissionError):
     pass
 
 
+class WriteConflict(Exception):
+    """A conditional write lost: the object changed (or came to exist) since it was read."""
+
+
 class StoreUnavailable(ConnectionError):
     """The object store cannot be reached or is not serving. The message names no host: it
     reaches API callers (the log has the details)."""
@@ -73,6 +77,8 @@ def _translate(exc: Exception, bucket: str, key: str) -> Exception:
             return ObjectNotFound(f"s3://{bucket}/{key} does not exist")
         if exc.code in {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}:
             return StorageAuthError(f"object store refused the credentials ({exc.code})")
+        if exc.code == "PreconditionFailed":
+            return WriteConflict(f"s3://{bucket}/{key} was written by someone else meanwhile")
         if exc.code in _BUSY_CODES:
             return StoreUnavailable(f"object store unavailable ({exc.code})")
         return exc
@@ -147,9 +153,20 @@ class ObjectStore:
             self.client.fput_object(bucket, key, str(path), content_type=content_type)
         return Ref(bucket, key, digest.hexdigest(), Path(path).stat().st_size)
 
-    def put_json(self, bucket: str, key: str, document) -> Ref:
+    def put_json(self, bucket: str, key: str, document, if_match: str | None = None,
+                 if_absent: bool = False) -> Ref:
+        """`if_match` (an ETag from get_json_tagged) or `if_absent`: a conditional write (S3
+        If-Match / If-None-Match, kept by MinIO, SeaweedFS and AWS), which raises WriteConflict
+        instead of overwriting what another writer wrote since."""
         data = json.dumps(document, indent=2, sort_keys=True).encode()
-        return self.put_bytes(bucket, key, data, "application/json")
+        if if_match is None and not if_absent:
+            return self.put_bytes(bucket, key, data, "application/json")
+        condition = {"If-None-Match": "*"} if if_absent else {"If-Match": if_match}
+        with _translated(bucket, key):
+            # The SDK's put_object turns unknown headers into user metadata (x-amz-meta-*), so the
+            # condition goes through its one-request PutObject call.
+            self.client._put_object(bucket, key, data, headers={"Content-Type": "application/json", **condition})
+        return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         with _translated(bucket, key):
@@ -162,6 +179,30 @@ class ObjectStore:
 
     def get_json(self, bucket: str, key: str):
         return json.loads(self.get_bytes(bucket, key))
+
+    def get_json_tagged(self, bucket: str, key: str) -> tuple[object, str]:
+        """The document and the ETag it was read with, for a conditional write back."""
+        with _translated(bucket, key):
+            response = self.client.get_object(bucket, key)
+            try:
+                return json.loads(response.read()), response.headers.get("ETag", "")
+            finally:
+                response.close()
+                response.release_conn()
+
+    def keeps_write_conditions(self, bucket: str) -> bool:
+        """Whether the store refuses a conditional write that should lose (an old MinIO or
+        other S3 server may ignore If-None-Match and overwrite)."""
+        key = ".cmrvl-conditional-write-probe"
+        self.put_json(bucket, key, {"probe": 1})
+        try:
+            self.put_json(bucket, key, {"probe": 2}, if_absent=True)
+            return False
+        except WriteConflict:
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                self.client.remove_object(bucket, key)
 
     def get_file(self, bucket: str, key: str, path: Path) -> Path:
         """Download to path, streamed; the file appears whole (the SDK renames a .part file)."""
