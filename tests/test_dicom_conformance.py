@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import SUNNYBROOK_STUDY, require
+from tests.conftest import SUNNYBROOK_STUDY, object_store, require
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about invalid UIDs
 TOOLS = ("dciodvfy", "dcentvfy", "dsrdump", "dsr2xml")
@@ -357,6 +357,34 @@ def test_a_rerun_writes_a_new_sr_that_names_its_predecessor(store, tmp_path):
     assert again.SOPInstanceUID == second_sr.SOPInstanceUID
     assert again.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
         .ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+
+
+def test_two_replicas_recording_srs_of_one_study_at_once_keep_both(stack_info, store, tmp_path, monkeypatch):
+    from services.gateway.report import ReportBuilder
+
+    write_conformant_study(tmp_path / "dicom")
+    valid = build_outputs(tmp_path / "dicom", tmp_path)
+    first_record = _record(store, tmp_path / "dicom", valid, str(uuid.uuid4()))
+    second_record = _record(store, tmp_path / "dicom", valid, str(uuid.uuid4()))
+    replica_b = ReportBuilder(store)
+    store_a = object_store(stack_info)  # replica A's own client
+    read_history = store_a.get_json_tagged
+    interleaved = []
+
+    def b_records_between_a_read_and_a_write(bucket, key):
+        try:
+            return read_history(bucket, key)  # (no history yet: ObjectNotFound)
+        finally:
+            if key.startswith("sr-history/") and not interleaved:
+                interleaved.append(replica_b.dicom_outputs(second_record, _report(valid)))
+
+    monkeypatch.setattr(store_a, "get_json_tagged", b_records_between_a_read_and_a_write)
+    a_sr = pydicom.dcmread(io.BytesIO(ReportBuilder(store_a).dicom_outputs(first_record, _report(valid))["sr.dcm"]))
+    b_sr = pydicom.dcmread(io.BytesIO(interleaved[0]["sr.dcm"]))
+    history = store.get_json(store.bucket("reports"), f"sr-history/{a_sr.StudyInstanceUID}.json")["srs"]
+    assert [e["sop_instance_uid"] for e in history] == [b_sr.SOPInstanceUID, a_sr.SOPInstanceUID]
+    assert a_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == b_sr.SOPInstanceUID  # A read again after losing the write
 
 
 def test_report_quality_says_the_source_is_not_conformant(store, sunnybrook, valid):

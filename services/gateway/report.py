@@ -23,10 +23,9 @@ Report JSON:
 from __future__ import annotations
 
 import logging
-import threading
 
 from services.gateway.records import STAGES, now
-from services.runtime.storage import ObjectStore
+from services.runtime.storage import ObjectNotFound, ObjectStore, WriteConflict
 
 log = logging.getLogger("cmrvl.report")
 REVIEW_TYPES = {"contours.png": "image/png", "volumes.png": "image/png", "report.pdf": "application/pdf"}
@@ -187,7 +186,6 @@ class ReportBuilder:
     def __init__(self, store: ObjectStore, pacs_target: str = "", pacs_calling_aet: str = "CMRVL"):
         self.store = store
         self.pacs_target, self.pacs_calling_aet = pacs_target, pacs_calling_aet
-        self._sr_history_lock = threading.Lock()
 
     @staticmethod
     def warm_up() -> None:
@@ -251,10 +249,14 @@ class ReportBuilder:
         # Said once here, not per validator line: what of the source SR/SEG carry on as it is.
         report["quality"] += source_conformance(headers)
         study_uid = next(iter(segs.values())).StudyInstanceUID
-        with self._sr_history_lock:  # read, build, record: two runs of one study must not drop each other's SR
-            history = self._sr_history(study_uid)
+        while True:  # read, build, record: two runs of one study (any replica) must not drop each other's SR
+            history, etag = self._sr_history(study_uid)
             sr = build_sr(segs, headers, report, run=run, predecessors=_predecessors(history, run))
-            self._record_sr(study_uid, history, run, sr)
+            try:
+                self._record_sr(study_uid, history, etag, run, sr)
+                break
+            except WriteConflict:
+                continue  # another run recorded its SR meanwhile: this one names it as predecessor
         ed, es = report["measurements"].get("ed_phase"), report["measurements"].get("es_phase")
 
         def seg_name(phase: int) -> str:  # `seg.dcm` is the end-diastolic one
@@ -271,22 +273,28 @@ class ReportBuilder:
 
     # Every SR written for a StudyInstanceUID, oldest first, so that a re-run's SR names the one it
     # replaces (PredecessorDocumentsSequence). Runs are different studies in this store (study_id is
-    # per submission) but one study in the PACS. Report stages run in parallel threads: the history is
-    # read and written under one lock (within this gateway process).
+    # per submission) but one study in the PACS. Report stages run in parallel (threads, replicas): the
+    # history is written back only over the version read (a conditional write), else read again.
     def _sr_history_key(self, study_instance_uid: str) -> str:
         return f"sr-history/{study_instance_uid}.json"
 
-    def _sr_history(self, study_instance_uid: str) -> list[dict]:
-        bucket, key = self.store.bucket("reports"), self._sr_history_key(study_instance_uid)
-        return self.store.get_json(bucket, key)["srs"] if self.store.exists(bucket, key) else []
+    def _sr_history(self, study_instance_uid: str) -> tuple[list[dict], str | None]:
+        """The SRs so far and the ETag they were read with (None: no history yet)."""
+        try:
+            document, etag = self.store.get_json_tagged(self.store.bucket("reports"),
+                                                        self._sr_history_key(study_instance_uid))
+        except ObjectNotFound:
+            return [], None
+        return document["srs"], etag
 
-    def _record_sr(self, study_instance_uid: str, history: list[dict], run: str, sr) -> None:
+    def _record_sr(self, study_instance_uid: str, history: list[dict], etag: str | None, run: str, sr) -> None:
         entry = {"run": run, "study_instance_uid": sr.StudyInstanceUID, "series_instance_uid": sr.SeriesInstanceUID,
                  "sop_instance_uid": sr.SOPInstanceUID, "sop_class_uid": sr.SOPClassUID}
         if entry in history:
             return  # a retried report stage: the same SR again
         history = [e for e in history if e["run"] != run] + [entry]  # this run's newest SR is its entry
-        self.store.put_json(self.store.bucket("reports"), self._sr_history_key(study_instance_uid), {"srs": history})
+        self.store.put_json(self.store.bucket("reports"), self._sr_history_key(study_instance_uid), {"srs": history},
+                            if_match=etag, if_absent=etag is None)
 
     def review_outputs(self, record: dict, report: dict) -> dict[str, bytes]:
         """contours.png and volumes.png (with measurements) and report.pdf, as {file name: bytes}."""
