@@ -250,6 +250,19 @@ def test_gateway_calls_every_stage_pod_through_a_headless_service(domain):
     assert f".svc.{domain}/" in _env(docs, "findings")["CMRVL_VLM_BASE_URL"]["value"]
 
 
+def test_the_gateways_stage_limits_grow_with_the_stage_pods():
+    """Every call the stage's pods can run: a limit of 1 would leave added pods idle."""
+    docs = lib.rendered("default")
+    env = _env(docs, "gateway")
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in lib.find(docs, "HorizontalPodAutoscaler")}
+    expected = {"preprocess": 2, "segmentation": 1, "findings": 1}  # values.yaml callsPerReplica
+    for stage, calls in expected.items():
+        assert int(env[f"CMRVL_{stage.upper()}_CONCURRENCY"]["value"]) == calls * hpas[f"cmrvl-{stage}"]["maxReplicas"]
+    fixed = _env(lib.render_docs(sets=["segmentation.autoscaling.enabled=false", "segmentation.replicas=3",
+                                       "segmentation.callsPerReplica=2"]), "gateway")
+    assert fixed["CMRVL_SEGMENTATION_CONCURRENCY"]["value"] == "6"
+
+
 def test_stage_targets_for_a_mesh_are_the_cluster_ip_services():
     from services.runtime.settings import Settings
 

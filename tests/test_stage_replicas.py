@@ -22,7 +22,7 @@ def replica_stack(tmp_path_factory):
 
     stack = Stack(tmp_path_factory.mktemp("replicas") / "stack")
     stack.up(base_port=free_base_port(), replicas={"segmentation": 2},
-             extra_env={"CMRVL_SEGMENTATION_CONCURRENCY": "2", "CMRVL_RETRY_BACKOFF_S": "0.2"})
+             extra_env={"CMRVL_RETRY_BACKOFF_S": "0.2"})  # the gateway's segmentation limit: 2 (one a replica)
     yield stack
     stack.down()
 
@@ -40,6 +40,7 @@ def test_the_gateway_spreads_segment_calls_over_both_replicas(replica_stack, tmp
     assert info.target("segmentation") == (f"ipv4:127.0.0.1:{info.grpc_port('segmentation')},"
                                            f"127.0.0.1:{info.grpc_port('segmentation-2')}")
     assert info.service_env("gateway")["CMRVL_SEGMENTATION_TARGET"] == info.target("segmentation")
+    assert info.service_env("gateway")["CMRVL_SEGMENTATION_CONCURRENCY"] == "2"  # both replicas' calls
     before = {name: _segment_calls(info, name) for name in ("segmentation", "segmentation-2")}
 
     finals = run_small_studies(info, tmp_path, N_STUDIES, seed=0)

@@ -109,6 +109,11 @@ class StackInfo:
         if name == "gateway":
             env["CMRVL_AUTH_TOKENS"] = self.ris_token
             env["CMRVL_GATEWAY_REPLICA"] = name  # stable over restarts, as a pod name is
+            from services.runtime.settings import Settings
+
+            for service, count in self.replicas.items():  # the calls all of a stage's replicas can run
+                per_process = Settings.model_fields[f"{service}_concurrency"].default
+                env[f"CMRVL_{service.upper()}_CONCURRENCY"] = str(per_process * count)
         return env
 
 
