@@ -101,6 +101,10 @@ def _submit(args) -> int:
             print(_summary(report.report_json))
     except grpc.RpcError as exc:
         raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+    except TimeoutError as exc:  # the gateway kept ending the watch: the study itself goes on there
+        again = (f"; `cmrvl submit --wait --request-id {args.request_id}` again watches it" if args.request_id
+                 else "")
+        raise CommandError(f"{exc}{again}") from None
     finally:
         client.close()
     return 0
@@ -130,6 +134,8 @@ def _analyze(args) -> int:
             report = _fetch_report(client, study.study_id)  # a failed study ends here, exit 1
         except grpc.RpcError as exc:
             raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+        except TimeoutError as exc:
+            raise CommandError(str(exc)) from None
         finally:
             client.close()
         _write_report(report, args.out)
