@@ -243,15 +243,17 @@ def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_
     drawn = case.contoured_slices["ed"]
     result["dice_myo_ed"] = dice(labels[..., drawn, case.ed_phase] == 2, case.labels["ed"][..., drawn] == 2)
 
-    def on_drawn_slices(volume: np.ndarray) -> np.ndarray:
-        return np.where(np.isin(np.arange(volume.shape[2]), drawn)[None, None, :], volume, 0)
+    def on_drawn_slices(volume: np.ndarray, phase: str) -> np.ndarray:
+        """Only the slices the expert drew at that phase (ES is often drawn on fewer)."""
+        drawn_there = np.isin(np.arange(volume.shape[2]), case.contoured_slices[phase])
+        return np.where(drawn_there[None, None, :], volume, 0)
 
     keys = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "lv_mass_g")
-    model = measure_labels(np.stack([on_drawn_slices(labels[..., case.ed_phase]),
-                                     on_drawn_slices(labels[..., case.es_phase])], -1), case.study.affine,
+    model = measure_labels(np.stack([on_drawn_slices(labels[..., case.ed_phase], "ed"),
+                                     on_drawn_slices(labels[..., case.es_phase], "es")], -1), case.study.affine,
                            ed_phase=0, es_phase=1)
-    expert = measure_labels(np.stack([on_drawn_slices(case.labels["ed"]), on_drawn_slices(case.labels["es"])], -1),
-                            case.study.affine, ed_phase=0, es_phase=1)
+    expert = measure_labels(np.stack([on_drawn_slices(case.labels["ed"], "ed"), on_drawn_slices(case.labels["es"], "es")],
+                                     -1), case.study.affine, ed_phase=0, es_phase=1)
     result["drawn_slices_expert_phases"] = {k: {"model": model[k], "expert": expert[k]} for k in keys}
     whole = measure_labels(labels, case.study.affine)
     result["whole_cine_service"] = {k: whole.get(k) for k in (*keys, "rv_edv_ml", "rv_esv_ml", "rv_ef_pct",
