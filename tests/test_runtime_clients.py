@@ -88,6 +88,27 @@ def test_a_replica_going_away_leaves_the_calls_to_the_others(two_servers):
     assert answers == {"b": 10}
 
 
+def test_a_replica_answering_not_serving_gets_no_new_calls_while_it_is_still_up(two_servers):
+    from grpc_health.v1 import health_pb2
+
+    servicers, running = two_servers
+    target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in running)
+    with clients.open_channel(target) as channel:
+        deadline = time.monotonic() + 10
+        while not all(s.calls for s in servicers) and time.monotonic() < deadline:
+            _call(channel)
+        assert all(s.calls for s in servicers)
+        running[0].health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # draining, still answering
+        time.sleep(1)  # the channel's health Watch sees it
+        answers = collections.Counter(_call(channel).study_instance_uid for _ in range(20))
+        assert answers == {"b": 20}
+        running[0].health.set("", health_pb2.HealthCheckResponse.SERVING)
+        deadline = time.monotonic() + 10
+        while _call(channel).study_instance_uid != "a" and time.monotonic() < deadline:
+            pass  # back in the rotation
+        assert time.monotonic() < deadline
+
+
 def _connectivity(channel) -> list[grpc.ChannelConnectivity]:
     states: list[grpc.ChannelConnectivity] = []
     channel.subscribe(states.append, try_to_connect=True)

@@ -20,8 +20,10 @@ MAX_BACKOFF_S = 30.0
 
 # Spread calls over every address the target resolves to (a headless Service's pods behind
 # `dns:///`, or an `ipv4:a:p,b:p` list), instead of gRPC's default pick_first, which sends every
-# call to the first address over one HTTP/2 connection.
-SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# call to the first address over one HTTP/2 connection. Client-side health checking (a Watch
+# of the server's grpc.health.v1 status) takes out of the rotation an address that answers
+# NOT_SERVING (a pod draining for its shutdown) while it is still up.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
 # Keepalive pings find a dead connection (a pod gone without a FIN, a dropped NAT entry) during a
 # long stage call or an idle watch. The servers accept pings this often (server.py
 # MIN_CLIENT_PING_INTERVAL_MS, which must stay below this), or they answer GOAWAY too_many_pings.
