@@ -18,8 +18,8 @@ def test_generated_stubs_match_the_proto_files(tmp_path):
          f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", *protos],
         check=True,
     )
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    committed = sorted(p.relative_to(PROTO_DIR) for p in PROTO_DIR.rglob("*_pb2*.py*"))
+    generated, committed = (sorted(p.relative_to(root) for p in root.rglob("*_pb2*.py*") if p.suffix in (".py", ".pyi"))
+                            for root in (tmp_path, PROTO_DIR))  # (not the __pycache__ of an import)
     assert generated == committed, "stubs added or missing: run `python -m grpc_tools.protoc` (see README)"
     for relative in generated:
         assert (tmp_path / relative).read_text() == (PROTO_DIR / relative).read_text(), (
