@@ -87,6 +87,26 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_sunnybrook(tmp_path_factory) -> Path:
+    """The real Sunnybrook cine cut to its 4 middle slice locations, every phase (80 of its 240
+    files): the same scanner's files at a third of the pipeline's time, for tests of the workflow
+    rather than of the numbers."""
+    import shutil
+
+    import pydicom
+
+    files = sorted(require(SUNNYBROOK_STUDY).glob("*.dcm"))
+    location = {f: round(float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation), 1) for f in files}
+    slices = sorted(set(location.values()))
+    middle = set(slices[len(slices) // 2 - 2:len(slices) // 2 + 2])
+    folder = tmp_path_factory.mktemp("sunnybrook-4-slices")
+    for f in files:
+        if location[f] in middle:
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory, pacs):
     """One real stack for the session, on free ports, torn down at the end. Segmentation uses the
     shipped default model; findings run a tiny Qwen2.5-VL (random weights, built by the tests)

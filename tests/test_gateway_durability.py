@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from cmrvl.v1 import common_pb2, study_pb2
-from tests.conftest import SUNNYBROOK_STUDY, require, wait_for
+from tests.conftest import wait_for
 
 
 @pytest.fixture()
@@ -31,8 +31,8 @@ def _client(stack):
 
 
 
-def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_stack):
-    folder = require(SUNNYBROOK_STUDY)
+def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_stack, small_sunnybrook):
+    folder = small_sunnybrook
     own_stack.stop_service("segmentation")  # the next stage is down: the study waits in retries
     client = _client(own_stack)
     study = client.submit_folder(folder, f"restart-{uuid.uuid4().hex[:6]}")
@@ -63,10 +63,10 @@ def test_gateway_killed_mid_study_resumes_without_rerunning_finished_stages(own_
     assert sum(1 for e in events if e.status in final_statuses) == 1  # completed once
 
 
-def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path):
+def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path, small_sunnybrook):
     from services.runtime.stack import Stack, free_base_port
 
-    folder = require(SUNNYBROOK_STUDY)
+    folder = small_sunnybrook
     stack = Stack(tmp_path / "stack")
     stack.up(base_port=free_base_port(), extra_env={"CMRVL_OUTAGE_RETRY_S": "1", "CMRVL_RETRY_BACKOFF_S": "0.1"})
     try:
@@ -85,8 +85,8 @@ def test_a_stage_that_stays_down_fails_the_study_with_stage_and_reason(tmp_path)
     assert events[-1].status == study_pb2.STUDY_STATUS_FAILED
 
 
-def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
-    folder = require(SUNNYBROOK_STUDY)
+def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack, small_sunnybrook):
+    folder = small_sunnybrook
     own_stack.stop_service("segmentation")
     client = _client(own_stack)
     study = client.submit_folder(folder, f"cancel-{uuid.uuid4().hex[:6]}")
@@ -108,12 +108,12 @@ def test_cancel_stops_a_study_waiting_on_a_down_stage(own_stack):
     assert "FAILED_PRECONDITION" in str(err.value.code())
 
 
-def test_findings_server_down_still_delivers_the_measurements_as_a_partial_report(tmp_path):
+def test_findings_server_down_still_delivers_the_measurements_as_a_partial_report(tmp_path, small_sunnybrook):
     import json
 
     from services.runtime.stack import Stack, free_base_port
 
-    folder = require(SUNNYBROOK_STUDY)
+    folder = small_sunnybrook
     stack = Stack(tmp_path / "stack")
     stack.up(base_port=free_base_port(), extra_env={
         "CMRVL_VLM_BASE_URL": "http://127.0.0.1:9/v1", "CMRVL_VLM_MAX_ATTEMPTS": "1",
