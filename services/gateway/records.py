@@ -124,7 +124,7 @@ class RecordStore:
         if not self.store.keeps_write_conditions(self.bucket):
             log.warning("the object store ignores conditional writes (If-Match / If-None-Match): "
                         "a study record written by two replicas at once may lose one write; "
-                        "use MinIO RELEASE.2024-11 or later, SeaweedFS 3.9x or later")
+                        "MinIO keeps them from RELEASE.2024-05-07 (the chart's is newer), AWS S3 too")
 
     @staticmethod
     def add_event(record: dict, stage: str, message: str, percent: float | None = None) -> None:
