@@ -66,7 +66,7 @@ def restart_record(record: dict, dicom_prefix: dict, height_m: float | None, wei
     """A failed or cancelled study run again on request: every stage anew, its history kept."""
     previous = record["status"]
     record.update(status="queued", current_stage="received", error="", dicom_prefix=dicom_prefix,
-                  height_m=height_m, weight_kg=weight_kg, stages=_fresh_stages(), run=record.get("run", 1) + 1)
+                  height_m=height_m, weight_kg=weight_kg, stages=_fresh_stages(), run=run_of(record) + 1)
     record["events"].append({"sequence": len(record["events"]), "stage": "received", "status": "queued",
                              "percent": PROGRESS_AFTER["received"],
                              "message": f"study submitted again after it was {previous} (run {record['run']})",

@@ -13,7 +13,7 @@ import grpc
 
 from cmrvl.v1 import common_pb2, study_pb2, study_pb2_grpc
 from services.gateway.records import (STAGES, TERMINAL, RecordStore, WriteConflict, new_record, restart_record,
-                                      study_id_for)
+                                      run_of, study_id_for)
 from services.gateway.workflow import Workflow
 from services.runtime import scratch
 from services.runtime.errors import StageError, grpc_errors, status_for
@@ -112,7 +112,7 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
             if existing is not None and not (retry and existing["status"] in RETRYABLE_ENDS):
                 log.info("submission %s for study %s already exists", client_request_id, study_id)
                 if existing["status"] not in TERMINAL:  # (idempotent) in case a crash lost its enqueue
-                    self.workflow.enqueue(study_id, existing.get("run", 1))
+                    self.workflow.enqueue(study_id, run_of(existing))
                 return existing
             if dicom_prefix is None:
                 dicom_prefix = upload(study_id)
@@ -275,6 +275,6 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def CancelStudy(self, request, context):
         record = self._record(request.study_id)
         if record["status"] not in TERMINAL:
-            self.workflow.cancel(record["study_id"], record.get("run", 1))
+            self.workflow.cancel(record["study_id"], run_of(record))
             record = self.records.get(record["study_id"]) or record
         return study_message(record)

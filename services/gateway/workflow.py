@@ -311,8 +311,8 @@ class Workflow:
     def _update(self, study_id: str, run: int, change, keep: bool = True) -> dict | None:
         """RecordStore.update (a conditional read-change-write) through store outages. None: the
         record is another run's or already final (a cancel won), or (not `keep`) the store is out
-        of reach. `keep`: an end that must be kept: a store outage is
-        waited out (until the gateway stops), so that the stage's work is not done again."""
+        of reach. `keep`: an end that must be kept: a store outage is waited out (until the
+        gateway stops), so that the stage's work is not done again."""
         backoff = Backoff(self.settings.retry_backoff_s, self.settings.max_backoff_s, float("inf"))
         while True:
             try:

@@ -138,9 +138,17 @@ class ObjectStore:
                 if not self.client.bucket_exists(name):
                     self.client.make_bucket(name)
 
-    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> Ref:
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream",
+                  condition: dict[str, str] | None = None) -> Ref:
+        """`condition`: If-Match / If-None-Match headers (a conditional write: WriteConflict when
+        it does not hold)."""
         with _translated(bucket, key):
-            self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+            if condition:
+                # The SDK's put_object turns unknown headers into user metadata (x-amz-meta-*), so
+                # the condition goes through its one-request PutObject call.
+                self.client._put_object(bucket, key, data, headers={"Content-Type": content_type, **condition})
+            else:
+                self.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
         return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
 
     def put_file(self, bucket: str, key: str, path: Path, content_type: str = "application/octet-stream") -> Ref:
@@ -159,36 +167,33 @@ class ObjectStore:
         If-Match / If-None-Match, kept by MinIO, SeaweedFS and AWS), which raises WriteConflict
         instead of overwriting what another writer wrote since."""
         data = json.dumps(document, indent=2, sort_keys=True).encode()
-        if if_match is None and not if_absent:
-            return self.put_bytes(bucket, key, data, "application/json")
-        condition = {"If-None-Match": "*"} if if_absent else {"If-Match": if_match}
-        with _translated(bucket, key):
-            # The SDK's put_object turns unknown headers into user metadata (x-amz-meta-*), so the
-            # condition goes through its one-request PutObject call.
-            self.client._put_object(bucket, key, data, headers={"Content-Type": "application/json", **condition})
-        return Ref(bucket, key, hashlib.sha256(data).hexdigest(), len(data))
+        condition = None
+        if if_absent:
+            condition = {"If-None-Match": "*"}
+        elif if_match is not None:
+            condition = {"If-Match": if_match}
+        return self.put_bytes(bucket, key, data, "application/json", condition)
 
-    def get_bytes(self, bucket: str, key: str) -> bytes:
+    def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its ETag."""
         with _translated(bucket, key):
             response = self.client.get_object(bucket, key)
             try:
-                return response.read()
+                return response.read(), response.headers.get("ETag", "")
             finally:
                 response.close()
                 response.release_conn()
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        return self._get(bucket, key)[0]
 
     def get_json(self, bucket: str, key: str):
         return json.loads(self.get_bytes(bucket, key))
 
     def get_json_tagged(self, bucket: str, key: str) -> tuple[object, str]:
         """The document and the ETag it was read with, for a conditional write back."""
-        with _translated(bucket, key):
-            response = self.client.get_object(bucket, key)
-            try:
-                return json.loads(response.read()), response.headers.get("ETag", "")
-            finally:
-                response.close()
-                response.release_conn()
+        data, etag = self._get(bucket, key)
+        return json.loads(data), etag
 
     def keeps_write_conditions(self, bucket: str) -> bool:
         """Whether the store refuses a conditional write that should lose (an old MinIO or
