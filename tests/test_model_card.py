@@ -52,3 +52,18 @@ def test_card_carries_the_results_and_says_whether_the_floor_is_met(tmp_path, me
     assert ("meets the issue's Dice floor on every class" in card) is met
     assert ("below the issue's Dice floor on the held-out ACDC patients for: RV" in card) is not met
     assert "better on every class" in card
+
+
+def test_card_shows_the_unlabelled_samples_with_their_flags_and_the_look_by_eye(tmp_path):
+    dice = {"LV cavity": 0.951, "LV myocardium": 0.884, "RV": 0.9}
+    sample = {"shape": [192, 192, 14], "spacing_mm": [1.0, 1.0, 10.0], "lv_edv_ml": 151.8, "lv_esv_ml": 61.0,
+              "lv_ef_pct": 59.8, "lv_mass_g": 68.6, "rv_edv_ml": 64.2, "rv_esv_ml": 58.1, "rv_ef_pct": 9.5,
+              "quality": ["es_larger_than_ed_on_slices"],
+              "slices_with": {"ed": {"LV cavity": [1, 2, 3, 4], "RV": [2, 3, 5]},
+                              "es": {"LV cavity": [3, 4], "RV": []}}}
+    facts = {**FACTS, "eye_check": {"mnms": "the left atrium labelled RV at ES"}}
+    card = acdc_card(_version_dir(tmp_path, dice), SUNNYBROOK, None, facts, unlabelled={"mnms": sample})
+    assert ("| mnms | 192x192x14, 1 x 1 x 10 | 151.8 / 61.0 ml / 59.8 % | 68.6 g | 64.2 / 58.1 ml / 9.5 % | "
+            "1-4 / 3-4; 2-3, 5 / none | es_larger_than_ed_on_slices |") in card
+    assert "- mnms, by eye (overlays of every slice at ED and ES): the left atrium labelled RV at ES" in card
+    assert "CineMA" not in acdc_card(_version_dir(tmp_path / "b", dice), SUNNYBROOK, None, FACTS)

@@ -300,3 +300,25 @@ def test_default_model_segments_sunnybrook_ed():
     # An unseen GE scanner (ACDC is Siemens): the model card reports 0.93 / 0.78 here.
     assert dice(labels[..., drawn] == 1, expert[..., drawn] == 1) > 0.85
     assert dice(labels[..., drawn] == 2, expert[..., drawn] == 2) > 0.65
+
+
+CINEMA = REPO / ".." / "shared" / "data" / "cinema-samples"
+
+
+@pytest.mark.skipif(not (CINEMA / "mnms" / "sax_ed.nii.gz").is_file(), reason=f"sample data absent: {CINEMA}")
+def test_default_model_on_the_unlabelled_cinema_samples():
+    """The card's unlabelled check (evaluate --unlabelled) on the real ACDC and M&Ms samples: every
+    class found at ED and ES, volumes of a human heart, the measuring code's flags carried."""
+    from services.segmentation.function import PLAUSIBLE_CAVITY_ML
+    from training.nnunet.evaluate import evaluate_unlabelled
+
+    result = evaluate_unlabelled(DEFAULT_MODEL, CINEMA)
+    assert set(result) == {"acdc", "mnms"}
+    for name, subject in result.items():
+        assert subject["spacing_mm"] == [1.0, 1.0, 10.0] and subject["shape"][:2] == [192, 192], name
+        for prefix in ("lv", "rv"):
+            low, high = PLAUSIBLE_CAVITY_ML[prefix]
+            assert low < subject[f"{prefix}_esv_ml"] < subject[f"{prefix}_edv_ml"] < high, (name, subject)
+        assert 20 < subject["lv_mass_g"] < 400 and isinstance(subject["quality"], list)
+        assert all(subject["slices_with"][phase][cls] for phase in ("ed", "es")
+                   for cls in ("LV cavity", "LV myocardium", "RV")), name

@@ -268,9 +268,9 @@ def _short(message: str, limit: int = 150) -> str:
 
 
 def _phase_list(phases: Sequence[int]) -> str:
-    from services.segmentation.function import _ranges
+    from services.segmentation.function import compact_ranges
 
-    return _ranges(phases)
+    return compact_ranges(phases)
 
 
 def curve_data(measurements: Mapping[str, Any], trigger_times_ms: Sequence[float] = ()) -> dict[str, Any]:

@@ -20,6 +20,7 @@ held-out fifth recorded in the dataset's dataset.json). Run standalone:
     python -m training.nnunet.evaluate --model LAYOUT --dataset STAGED_DATASET --held-out [--no-mirroring]
         [--out evaluation.json]
     python -m training.nnunet.evaluate --model LAYOUT --sunnybrook ../shared/data/sunnybrook --out sunnybrook.json
+    python -m training.nnunet.evaluate --model LAYOUT --unlabelled ../shared/data/cinema-samples --out cinema.json
 """
 
 from __future__ import annotations
@@ -261,6 +262,41 @@ def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_
     return result
 
 
+def evaluate_unlabelled(model_dir: str | Path, root: str | Path, threads: int = 2) -> dict:
+    """A model on real volumes without expert labels (the CineMA samples: one folder per subject with
+    ``sax_ed.nii.gz`` and ``sax_es.nii.gz``): what the service would report for each, the measuring
+    code's quality flags, and on which slices each class is found. There is no reference to score
+    against: the values are for plausibility and for the look by eye the model card records."""
+    import nibabel as nib
+
+    from services.segmentation.function import measure_labels
+    from services.segmentation.inference import load_segmenter
+
+    subjects = sorted(p.parent for p in Path(root).glob("*/sax_ed.nii.gz") if (p.parent / "sax_es.nii.gz").is_file())
+    if not subjects:
+        raise ValueError(f"{root}: no <subject>/sax_ed.nii.gz + sax_es.nii.gz")
+    segmenter = load_segmenter(model_dir, threads=threads)
+    keys = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "lv_mass_g", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml",
+            "rv_ef_pct")
+    result = {}
+    try:
+        for folder in subjects:
+            ed, es = (nib.load(folder / f"sax_{phase}.nii.gz") for phase in ("ed", "es"))
+            labels = np.stack([segmenter.segment_volume(np.asarray(img.dataobj, np.float32), img.affine)
+                               for img in (ed, es)], -1)
+            measured = measure_labels(labels, ed.affine, ed_phase=0, es_phase=1)
+            result[folder.name] = {
+                "shape": list(labels.shape[:3]), "spacing_mm": [round(float(s), 3) for s in ed.header.get_zooms()[:3]],
+                **{k: measured[k] for k in keys},
+                "quality": [flag["code"] for flag in measured["quality"]],
+                "slices_with": {phase: {CLASS_NAMES[c]: [int(z) for z in np.flatnonzero((labels[..., i] == c).any((0, 1)))]
+                                        for c in CLASS_NAMES} for i, phase in enumerate(("ed", "es"))},
+            }
+    finally:
+        segmenter.close()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -269,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, help="model version (default: the latest)")
     parser.add_argument("--dataset", help="staged dataset folder (nnUNet_raw/DatasetNNN_X)")
     parser.add_argument("--sunnybrook", help="instead: the Sunnybrook data folder (evaluate_sunnybrook)")
+    parser.add_argument("--unlabelled", help="instead: a folder of <subject>/sax_ed|sax_es.nii.gz without labels")
     parser.add_argument("--held-out", action="store_true", help="the held-out patients of dataset.json")
     parser.add_argument("--fold-dir", help="nnU-Net fold folder whose validation cases to use")
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring")
@@ -284,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
         print(json.dumps(report, indent=1, default=float))
         return 0
+    if args.unlabelled:
+        report = evaluate_unlabelled(model_dir, args.unlabelled)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        print(json.dumps(report, indent=1, default=float))
+        return 0
     if not args.dataset:
-        parser.error("--dataset (or --sunnybrook) is required")
+        parser.error("--dataset (or --sunnybrook / --unlabelled) is required")
     version_dir = model_dir / str(args.version or latest_version(model_dir))
     cases = held_out_cases(args.dataset) if args.held_out else None
     report = evaluate_exported(version_dir, args.dataset, Path(args.fold_dir) if args.fold_dir else None,

@@ -35,9 +35,11 @@ def _dice_row(dice: dict) -> str:
     return " | ".join(_f3(dice.get(name)) for name in DICE_TARGETS)
 
 
-def acdc_card(version_dir: str | Path, sunnybrook: dict, previous: dict | None, facts: dict) -> str:
+def acdc_card(version_dir: str | Path, sunnybrook: dict, previous: dict | None, facts: dict,
+              unlabelled: dict | None = None) -> str:
     """The card's Markdown. facts: epochs_done, epochs_planned, iterations_per_epoch, training_time
-    (text), load_note (text: the machine's load during the timings)."""
+    (text), load_note (text: the machine's load during the timings), optionally eye_check (subject ->
+    what a look at its overlays showed). unlabelled: evaluate --unlabelled's JSON."""
     version_dir = Path(version_dir)
     ev = json.loads((version_dir / "evaluation.json").read_text())
     inference = json.loads((version_dir / "inference.json").read_text())
@@ -162,6 +164,7 @@ def acdc_card(version_dir: str | Path, sunnybrook: dict, previous: dict | None, 
         f"{'on' if sunnybrook['mirroring'] else 'off'}): {sunnybrook['seconds_per_cine']:.1f} s "
         f"({facts['load_note']}).",
         "",
+        *(_unlabelled_section(unlabelled, facts.get("eye_check", {})) if unlabelled else []),
         "## Reproduce / continue",
         "```",
         "cmrvl train nnunet-dataset --acdc-h5 ../shared/data/acdc-wsl4mis --out WORK/raw --dataset-id 131 --name ACDCh5",
@@ -170,7 +173,9 @@ def acdc_card(version_dir: str | Path, sunnybrook: dict, previous: dict | None, 
         "python -m training.nnunet.evaluate --model LAYOUT --dataset WORK/work/nnUNet_raw/Dataset131_ACDCh5 --held-out "
         "--out evaluation.json",
         "python -m training.nnunet.evaluate --model LAYOUT --sunnybrook ../shared/data/sunnybrook --out sunnybrook.json",
-        "python -m training.nnunet.model_card LAYOUT --sunnybrook sunnybrook.json --previous old.json --facts facts.json",
+        "python -m training.nnunet.evaluate --model LAYOUT --unlabelled ../shared/data/cinema-samples --out cinema.json",
+        "python -m training.nnunet.model_card LAYOUT --sunnybrook sunnybrook.json --previous old.json --facts facts.json \\",
+        "    --unlabelled cinema.json",
         "```",
         "The second command resumes from the last checkpoint in `WORK/work/nnUNet_results/.../fold_0/` (one",
         "every epoch). Export: `services.segmentation.model_layout.export_model(..., checkpoint_name=...)`; the",
@@ -189,6 +194,34 @@ def acdc_card(version_dir: str | Path, sunnybrook: dict, previous: dict | None, 
     return "\n".join(lines) + "\n"
 
 
+def _unlabelled_section(unlabelled: dict, eye_check: dict) -> list[str]:
+    """Real volumes without expert labels: what the service would report, its quality flags, and the
+    look by eye."""
+    from services.segmentation.function import compact_ranges
+
+    def slices(subject: dict, cls: str) -> str:
+        return " / ".join(compact_ranges(subject["slices_with"][phase][cls]) or "none" for phase in ("ed", "es"))
+
+    lines = [
+        "## Unlabelled real volumes: the CineMA samples (no expert labels)",
+        "ED and ES of each subject as `cmrvl measure` would report them (`evaluate --unlabelled`), with the measuring",
+        "code's quality flags; no reference to score against, so these are for plausibility only.",
+        "",
+        "| subject | grid, spacing (mm) | LV EDV / ESV / EF | LV mass | RV EDV / ESV / EF | slices with LV, RV (ED / ES) "
+        "| quality flags |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in unlabelled.items():
+        lines.append(
+            f"| {name} | {'x'.join(map(str, s['shape']))}, {' x '.join(f'{v:g}' for v in s['spacing_mm'])} | "
+            f"{_f1(s['lv_edv_ml'])} / {_f1(s['lv_esv_ml'])} ml / {_f1(s['lv_ef_pct'])} % | {_f1(s['lv_mass_g'])} g | "
+            f"{_f1(s['rv_edv_ml'])} / {_f1(s['rv_esv_ml'])} ml / {_f1(s['rv_ef_pct'])} % | "
+            f"{slices(s, 'LV cavity')}; {slices(s, 'RV')} | {', '.join(s['quality']) or 'none'} |")
+    lines.append("")
+    lines += [f"- {name}, by eye (overlays of every slice at ED and ES): {text}" for name, text in eye_check.items()]
+    return lines + ([""] if eye_check else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -198,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sunnybrook", type=Path, required=True, help="evaluate --sunnybrook JSON")
     parser.add_argument("--previous", type=Path, help="the previous default's evaluation.json on the same cases")
     parser.add_argument("--facts", type=Path, required=True, help="training facts JSON (see acdc_card)")
+    parser.add_argument("--unlabelled", type=Path, help="evaluate --unlabelled JSON (the CineMA samples)")
     args = parser.parse_args(argv)
     previous = json.loads(args.previous.read_text()) if args.previous else None
     card = acdc_card(args.layout / "cmr_seg" / str(args.version), json.loads(args.sunnybrook.read_text()), previous,
-                     json.loads(args.facts.read_text()))
+                     json.loads(args.facts.read_text()),
+                     json.loads(args.unlabelled.read_text()) if args.unlabelled else None)
     (args.layout / "MODEL_CARD.md").write_text(card)
     print(card)
     return 0
