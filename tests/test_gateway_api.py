@@ -119,6 +119,9 @@ def test_a_study_travels_every_stage_and_a_report_lands_in_the_store(sunnybrook_
     assert document["series"] and document["series"][0]["kind"] == "cine_sax"
     assert (document["series"][0]["n_slices"], document["series"][0]["n_phases"]) == (12, 20)
     assert "MEASUREMENTS" in report.report_text and "FINDINGS" in report.report_text
+    # The stages before the report, each with its time (the report stage is still running then).
+    assert set(document["timings_s"]) == {"preprocess", "segmentation", "findings"}
+    assert all(seconds > 0 for seconds in document["timings_s"].values()), document["timings_s"]
 
     # Measurements from the shipped default model (LV, myocardium, RV), named in the report.
     measurements = document["measurements"]

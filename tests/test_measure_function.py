@@ -357,20 +357,40 @@ def test_es_larger_than_ed_on_some_slices_is_flagged():
 ACDC_H5 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acdc-wsl4mis"
 
 
+def test_a_stack_that_stops_short_of_the_apex_is_flagged():
+    """The phantom's ventricles are as large on every slice as at mid-ventricle: cut the stack on its
+    apical side and the apical slice is the largest one."""
+    from services.findings.short_axis import apex_at_high_index
+
+    affine = oblique_affine()
+    assert "apex_not_covered" not in codes(measure_labels(cycle_4d(), affine))  # slices 0 and 7 are empty
+    apex_high, _ = apex_at_high_index(affine)
+    cut = cycle_4d()[:, :, :5] if apex_high else cycle_4d()[:, :, 3:]
+    flags = [f for f in measure_labels(cut, affine)["quality"] if f["code"] == "apex_not_covered"]
+    assert [f["message"][:9] for f in flags] == ["LV cavity", "RV cavity"]
+    assert {f["slice"] for f in flags} == ({4} if apex_high else {0})
+    assert "100% of its largest slice" in flags[0]["message"]
+
+
 @pytest.mark.skipif(not (ACDC_H5 / "patient001_frame01.h5").is_file(), reason=f"sample data absent: {ACDC_H5}")
-def test_es_larger_than_ed_is_never_flagged_on_acdc_expert_contours():
-    """The 100 ACDC patients' expert contours (ED and ES) raise no such flag: the threshold has room
-    above the largest excess the experts draw (3.9 % of the RV EDV in training, 4.1 % held out)."""
+def test_acdc_expert_contours_raise_neither_geometry_flag():
+    """The 100 ACDC patients' expert contours (ED and ES) are not flagged: each threshold has room
+    above what the experts draw (ES larger than ED by at most 3.9 % of the EDV in training, 4.1 % held
+    out; the most apical slice at most 36 % of the largest). The HDF5 files store no geometry; their
+    slice 0 is basal, so the affine's slice normal is given pointing to the apex."""
+    from services.findings.short_axis import apex_at_high_index
     from training.nnunet.convert import acdc_h5_cases
 
+    affine = np.diag([1.5625, 1.5625, -10.0, 1.0])
+    assert apex_at_high_index(affine)[0]
     cases = acdc_h5_cases(ACDC_H5)
     assert len(cases) == 200
     flagged = []
     for ed, es in zip(cases[::2], cases[1::2]):
         (_, ed_label), (_, es_label) = ed.load(), es.load()
         labels = np.stack([np.asarray(ed_label.dataobj), np.asarray(es_label.dataobj)], -1)
-        result = measure_labels(labels, ed_label.affine, ed_phase=0, es_phase=1, clean=False)
-        flagged += [ed.patient] if "es_larger_than_ed_on_slices" in codes(result) else []
+        result = measure_labels(labels, affine, ed_phase=0, es_phase=1, clean=False)
+        flagged += [(ed.patient, c) for c in codes(result) if c in ("es_larger_than_ed_on_slices", "apex_not_covered")]
     assert flagged == []
 
 

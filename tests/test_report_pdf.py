@@ -238,13 +238,14 @@ def _bytes(ds) -> bytes:
 # --- the report stage, through the real stack -----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sunnybrook_run(stack_info):
+def sunnybrook_run(stack_info, small_sunnybrook):
+    """The real scanner's files (4 slices, every phase: the report stage's outputs do not depend on
+    the slice count) through the whole stack."""
     from services.gateway.client import StudyClient
 
-    require(SUNNYBROOK_STUDY)
     client = StudyClient(stack_info.target("gateway"), stack_info.ris_token)
     try:
-        study = client.submit_folder(SUNNYBROOK_STUDY, "report-pdf-test")
+        study = client.submit_folder(small_sunnybrook, "report-pdf-test")
         list(client.watch(study.study_id, timeout_s=900))
         return study, client.get_report(study.study_id)
     finally:

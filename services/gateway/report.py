@@ -14,7 +14,7 @@ Report JSON:
     models          {"segmentation": {name, version, backend} | null, "vlm": {...} | null}
     quality         flags {code, message, source}: what preprocessing found in the study and its cine
                     (one entry per issue type, every gap named), segmentation quality, skipped stages
-    timings_s       seconds per stage
+    timings_s       seconds per stage before the report (preprocess, segmentation, findings)
     series          the series preprocessing found (uid, kind, slices, phases)
     dicom           keys of the DICOM objects in the reports bucket (sr, seg, seg_es, pdf), pushed_to
     review          keys of report.pdf, contours.png, volumes.png in the reports bucket
@@ -151,7 +151,8 @@ def build_report(record: dict, manifest: dict, measurements: dict, findings_doc:
         "findings": findings_doc.get("findings", []),
         "models": {"segmentation": seg_model, "vlm": findings_doc.get("model")},
         "quality": quality,
-        "timings_s": {name: stages[name]["seconds"] for name in STAGES},
+        # The report stage is still running while it writes this: only the stages before it have a time.
+        "timings_s": {name: stages[name]["seconds"] for name in STAGES[:-1]},
         "series": [{k: s.get(k) for k in ("series_instance_uid", "kind", "n_slices", "n_phases")}
                    for s in manifest.get("series", [])],
     }
