@@ -351,6 +351,8 @@ def test_es_larger_than_ed_on_some_slices_is_flagged():
     found = flag(result, "es_larger_than_ed_on_slices")
     assert found["slices"] == [6, 7] and found["message"].startswith("RV cavity is larger at ES (phase 3)")
     assert result["rv_esv_ml"] is not None  # measured anyway, and said to be unreliable
+    assert {"rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct", "rv_edvi_ml_m2"} <= set(found["doubts"])
+    assert not any(key.startswith("lv") for key in found["doubts"])
     assert "es_larger_than_ed_on_slices" not in codes(measure_labels(cycle_4d(), oblique_affine()))
 
 
@@ -370,6 +372,7 @@ def test_a_stack_that_stops_short_of_the_apex_is_flagged():
     assert [f["message"][:9] for f in flags] == ["LV cavity", "RV cavity"]
     assert {f["slice"] for f in flags} == ({4} if apex_high else {0})
     assert "100% of its largest slice" in flags[0]["message"]
+    assert {"lv_edv_ml", "lv_ef_pct", "lv_mass_g"} <= set(flags[0]["doubts"]) and "lv_mass_g" not in flags[1]["doubts"]
 
 
 @pytest.mark.skipif(not (ACDC_H5 / "patient001_frame01.h5").is_file(), reason=f"sample data absent: {ACDC_H5}")
@@ -425,3 +428,23 @@ def test_cli_manifest_errors_are_one_line(tmp_path, capsys, manifest, message):
     assert run_measure(["measure", *source, "--manifest", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cmrvl measure: error:") and message in err and err.count("\n") == 1
+
+
+def test_the_report_marks_a_measured_value_that_a_flag_doubts():
+    """Measured anyway, but said next to the number, not only in the QUALITY section."""
+    from services.gateway.records import STAGES
+    from services.gateway.report import build_report, render_text
+
+    labels = cycle_4d()
+    labels[40:60, 32:48, 6, 3] = 3  # the RV larger at ES than at ED on slice 6
+    measurements = measure_labels(labels, oblique_affine())
+    record = {"study_id": "doubt", "stages": {name: {"state": "done", "seconds": 1.0, "error": "", "outputs": {}}
+                                              for name in STAGES}}
+    report = build_report(record, {}, measurements, {})
+    details = report["measurement_details"]
+    assert "es_larger_than_ed_on_slices" in [c["code"] for c in details["rv_ef_pct"]["caveats"]]
+    assert "caveats" not in details["lv_ef_pct"] and details["rv_ef_pct"]["value"] is not None
+    text = render_text(report)
+    rv_ef = next(line for line in text.splitlines() if "RV ejection fraction" in line)
+    lv_ef = next(line for line in text.splitlines() if "LV ejection fraction" in line)
+    assert "doubtful (" in rv_ef and "es_larger_than_ed_on_slices" in rv_ef and "doubtful" not in lv_ef

@@ -124,6 +124,19 @@ def test_pdf_names_what_is_not_measured_and_flags_abnormal_values(valid):
     assert "Not measured (class_not_segmented, see QUALITY): RV end-diastolic volume" in flat
 
 
+def test_pdf_marks_values_a_quality_flag_doubts(valid):
+    from services.gateway.report_pdf import render_pdf
+
+    report = _report(valid)
+    caveat = [{"code": "es_larger_than_ed_on_slices", "message": "x"}]
+    report["measurement_details"]["lv_ef_pct"].update(value=30.0, assessment="low", caveats=caveat)
+    report["measurement_details"]["lv_edv_ml"]["caveats"] = caveat
+    flat = " ".join(pdf_text(render_pdf(report))[1].split())
+    assert re.search(r"LV ejection fraction 30\.0 % \S+ LOW \*", flat)
+    assert re.search(r"LV end-diastolic volume \S+ ml \S+ (LOW |HIGH )?\*", flat)
+    assert re.search(r"\* Doubted by quality flags \(see QUALITY\): [a-z_, ]*es_larger_than_ed_on_slices", flat)
+
+
 def test_findings_show_their_images_or_say_no_images(valid):
     from services.gateway.report_pdf import render_pdf
 

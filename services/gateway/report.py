@@ -9,7 +9,8 @@ Report JSON:
     study           study_id, study_instance_uid, accession_number, study_date, patient_id, client_request_id
     measurements    the keys `cmrvl measure` prints (lv_edv_ml ... rv_ef_pct, indexed *_m2, bsa_m2, ed/es phase)
     measurement_details  per key: value, unit, normal range (low, high, source), "low"/"normal"/"high";
-                    a null value has "reason": the code and message of the quality flag that left it null
+                    a null value has "reason": the code and message of the quality flag that left it null;
+                    a measured one "caveats": the flags that doubt it (text and PDF mark it)
     findings        one entry per catalog task: task id, answer, parsed finding, model
     models          {"segmentation": {name, version, backend} | null, "vlm": {...} | null}
     quality         flags {code, message, source}: what preprocessing found in the study and its cine
@@ -49,11 +50,14 @@ def unit_of(key: str) -> str:
 def measurement_details(measurements: dict, sex: str | None) -> dict:
     from services.segmentation.function import classify, normal_range
 
-    # The segmentation's flags name the values they leave null ("keys"): that is the reason.
-    reasons = {}
+    # The segmentation's flags name the values they leave null ("keys"): that is the reason; and
+    # those they leave measured but doubtful ("doubts"): those are the value's caveats.
+    reasons, caveats = {}, {}
     for flag in measurements.get("quality", []):
         for key in flag.get("keys", []):
             reasons.setdefault(key, {"code": flag["code"], "message": flag["message"]})
+        for key in flag.get("doubts", []):
+            caveats.setdefault(key, []).append({"code": flag["code"], "message": flag["message"]})
     details = {}
     for key in LABELS:
         if key not in measurements:
@@ -63,6 +67,8 @@ def measurement_details(measurements: dict, sex: str | None) -> dict:
                         "normal_range": normal_range(key, sex), "assessment": classify(key, value, sex)}
         if value is None and key in reasons:
             details[key]["reason"] = reasons[key]
+        if value is not None and key in caveats:
+            details[key]["caveats"] = caveats[key]
     return details
 
 
@@ -108,7 +114,8 @@ def render_text(report: dict) -> str:
         rng = d["normal_range"]
         normal = f"  normal {rng['low']}-{rng['high']}" if rng else ""
         flag = f"  [{d['assessment']}]" if d["assessment"] not in (None, "normal") else ""
-        lines.append(f"  {d['label']:<28} {d['value']:>8.1f} {d['unit']:<6}{normal}{flag}")
+        doubt = f"  doubtful ({', '.join(c['code'] for c in d['caveats'])})" if d.get("caveats") else ""
+        lines.append(f"  {d['label']:<28} {d['value']:>8.1f} {d['unit']:<6}{normal}{flag}{doubt}")
     lines += ["", "FINDINGS"]
     if not report["findings"]:
         lines.append("  not available (no vision-language findings)")

@@ -82,18 +82,22 @@ def _range(d: Mapping[str, Any]) -> str:
     return f"{rng['low']}-{rng['high']}" if rng else ""
 
 
-def measurement_rows(report: Mapping[str, Any]) -> tuple[list[tuple[str, str, str, str, str]], dict[str, list[str]]]:
-    """(label, value, unit, normal range, flag) of each measured value, and the values left null
-    for a reason, grouped by that reason's code (what report.txt lists as "not measured")."""
-    rows, not_measured = [], {}
+def measurement_rows(report: Mapping[str, Any]) -> tuple[list[tuple[str, str, str, str, str]], dict[str, list[str]],
+                                                         dict[str, list[str]]]:
+    """(label, value, unit, normal range, flag) of each measured value; the values left null for a
+    reason, grouped by that reason's code (what report.txt lists as "not measured"); and the values
+    measured but doubted by a quality flag, by its code (their flag cell ends in "*")."""
+    rows, not_measured, doubtful = [], {}, {}
     for d in report.get("measurement_details", {}).values():
         if d["value"] is None:
             if d.get("reason"):
                 not_measured.setdefault(d["reason"]["code"], []).append(d["label"])
             continue
         flag = {"low": "LOW", "high": "HIGH"}.get(d.get("assessment") or "", "")
-        rows.append((d["label"], _value(d), d["unit"], _range(d), flag))
-    return rows, not_measured
+        for caveat in d.get("caveats", []):
+            doubtful.setdefault(caveat["code"], []).append(d["label"])
+        rows.append((d["label"], _value(d), d["unit"], _range(d), f"{flag} *".strip() if d.get("caveats") else flag))
+    return rows, not_measured, doubtful
 
 
 def _model_line(report: Mapping[str, Any]) -> str:
@@ -219,11 +223,12 @@ def _measurements_and_curves(page: _Page, report: Mapping[str, Any], volumes_png
     top = page.y
     table_w = 3.9
     columns = (0.0, 1.7, 2.2, 2.65, 3.3)  # label, value (right-aligned end), unit, range, flag
-    rows, not_measured = measurement_rows(report)
+    rows, not_measured, doubtful = measurement_rows(report)
     for row_index, row in enumerate([("Measurement", "Value", "Unit", "Normal", "Flag"), *rows]):
         for col, (x, cell) in enumerate(zip(columns, row)):
-            kw = {"fontweight": "bold"} if row_index == 0 or cell in ("LOW", "HIGH") else {}
-            if col == 4 and cell in ("LOW", "HIGH"):
+            abnormal = col == 4 and cell.split(" ")[0] in ("LOW", "HIGH")
+            kw = {"fontweight": "bold"} if row_index == 0 or abnormal else {}
+            if abnormal:
                 kw["color"] = "#B00020"
             if col == 1:
                 page.text(MARGIN_IN + x + 0.45, page.y, cell, BODY_PT, ha="right", **kw)
@@ -234,6 +239,10 @@ def _measurements_and_curves(page: _Page, report: Mapping[str, Any], volumes_png
         page.line("not available (no segmentation)")
     for code, labels in not_measured.items():
         for line in textwrap.wrap(f"Not measured ({code}, see QUALITY): {', '.join(labels)}",
+                                  _chars(table_w - 0.1, SMALL_PT), subsequent_indent="   "):
+            page.line(line, SMALL_PT)
+    if doubtful:  # one line: the rows carry the mark, the QUALITY section the reasons
+        for line in textwrap.wrap(f"* Doubted by quality flags (see QUALITY): {', '.join(sorted(doubtful))}",
                                   _chars(table_w - 0.1, SMALL_PT), subsequent_indent="   "):
             page.line(line, SMALL_PT)
     m = report.get("measurements", {})

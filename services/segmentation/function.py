@@ -80,7 +80,7 @@ def _apex_not_covered(ed_labels: np.ndarray, affine, acquired: np.ndarray, ventr
                 "apex_not_covered", f"{CLASS_NAMES[cls]} at ED is {100 * area[apical] / area.max():.0f}% of its "
                 f"largest slice on the most apical slice ({apical}; apex side from the {rule['apex_rule'].replace('_', ' ')}):"
                 f" the stack likely stops short of the apex, so {prefix.upper()} volumes are too small",
-                slice=apical))
+                doubts=_ventricle_values(prefix) + (["lv_mass_g"] if prefix == "lv" else []), slice=apical))
     return flags
 
 
@@ -117,13 +117,21 @@ def keep_largest_components(labels_3d: np.ndarray) -> tuple[np.ndarray, dict[int
     return cleaned, removed
 
 
-def _flag(code: str, message: str, keys=None, **extra) -> dict[str, Any]:
-    """A quality entry; `keys` names the measurements it leaves null (with their indexed forms)."""
+def _flag(code: str, message: str, keys=None, doubts=None, **extra) -> dict[str, Any]:
+    """A quality entry; `keys` names the measurements it leaves null, `doubts` those it makes
+    doubtful but leaves measured (both with their indexed forms), so that the report can mark them."""
     flag: dict[str, Any] = {"code": code, "message": message}
     if keys:
         flag["keys"] = _with_indexed(keys)
+    if doubts:
+        flag["doubts"] = _with_indexed(doubts)
     flag.update(extra)
     return flag
+
+
+def _ventricle_values(prefix: str, needs=NEEDS_ED + NEEDS_ES) -> list[str]:
+    """The values of one ventricle ("lv"/"rv") among ``needs``, LV mass left out."""
+    return [k for k in dict.fromkeys(needs) if k.startswith(prefix) and k != "lv_mass_g"]
 
 
 def _with_indexed(keys) -> list[str]:
@@ -356,18 +364,22 @@ def measure_labels(
                 volume = float(curve[phase])
                 result[f"{prefix}_{phase_name.lower()}v_ml"] = volume
                 low, high = PLAUSIBLE_CAVITY_ML[prefix]
+                needs = _ventricle_values(prefix, NEEDS_ED if phase_name == "ED" else NEEDS_ES)
                 if volume == 0:
-                    quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is empty at {phase_name} (phase {phase})"))
+                    quality.append(_flag("empty_class", f"{CLASS_NAMES[cls]} is empty at {phase_name} (phase {phase})",
+                                         doubts=needs))
                 elif not low <= volume <= high:
                     quality.append(_flag(
                         "implausible_volume", f"{prefix.upper()} {phase_name}V {volume:.1f} ml is outside "
-                        f"{low:g}-{high:g} ml, the range of a human {CLASS_NAMES[cls]}: likely a segmentation error"))
+                        f"{low:g}-{high:g} ml, the range of a human {CLASS_NAMES[cls]}: likely a segmentation error",
+                        doubts=needs))
             if ed_phase is not None and es_phase is not None:
                 edv, esv = result[f"{prefix}_edv_ml"], result[f"{prefix}_esv_ml"]
                 result[f"{prefix}_sv_ml"] = edv - esv
                 ef = result[f"{prefix}_ef_pct"] = 100.0 * (edv - esv) / edv if edv > 0 else None
                 if ef is not None and not 0.0 <= ef <= 100.0:
-                    quality.append(_flag("ef_out_of_range", f"{prefix.upper()} EF {ef:.1f}% is outside 0-100%"))
+                    quality.append(_flag("ef_out_of_range", f"{prefix.upper()} EF {ef:.1f}% is outside 0-100%",
+                                         doubts=[f"{prefix}_ef_pct"]))
                 excess = _es_excess_by_slice(labels, cls, ed_phase, es_phase) * vox_ml
                 if edv > 0 and excess.sum() > ES_EXCESS_FRACTION_OF_EDV * edv:
                     quality.append(_flag(
@@ -376,7 +388,7 @@ def measure_labels(
                         f"{excess.sum():.1f} ml in all ({100 * excess.sum() / edv:.0f}% of the EDV): a ventricle is "
                         "largest at ED, so the contours there are likely wrong (part of the ED ventricle missed, or "
                         f"another structure labelled at ES); {prefix.upper()} EDV, ESV and EF are unreliable",
-                        slices=[int(z) for z in np.flatnonzero(excess > 0)]))
+                        doubts=_ventricle_values(prefix), slices=[int(z) for z in np.flatnonzero(excess > 0)]))
                 sv = edv - esv
                 first, last = float(curve[0]), float(curve[-1])
                 if n_phases >= 3 and sv > 0 and complete[0] and complete[-1] and first > 0 and last > 0 \
@@ -384,7 +396,8 @@ def measure_labels(
                     quality.append(_flag(
                         "non_cyclic_curve", f"{prefix.upper()} volume is {first:.1f} ml at the first phase and "
                         f"{last:.1f} ml at the last, {100 * abs(first - last) / sv:.0f}% of the stroke volume: the "
-                        "cine may not cover one whole cardiac cycle, or the segmentation is inconsistent"))
+                        "cine may not cover one whole cardiac cycle, or the segmentation is inconsistent",
+                        doubts=_ventricle_values(prefix)))
         if ed_phase is not None:
             quality += _apex_not_covered(labels[..., ed_phase], affine, np.flatnonzero(present[:, ed_phase]),
                                          [(prefix, cls) for prefix, _curve, labelled, cls in ventricles if labelled])
@@ -403,7 +416,8 @@ def measure_labels(
             cells = describe_cells((z, t) for t, zs in by_phase.items() for z in zs)
             quality.append(_flag(
                 "stack_hole", f"{CLASS_NAMES[cls]} is missing inside the stack, where slices above and below have "
-                f"it, in {len(by_phase)} of {n_phases} phase(s) ({cells}): its volume there is likely too small"))
+                f"it, in {len(by_phase)} of {n_phases} phase(s) ({cells}): its volume there is likely too small",
+                doubts=_ventricle_values("lv" if cls == LV_CAVITY else "rv")))
 
     bsa = None
     if height_m is not None and weight_kg is not None:
