@@ -67,6 +67,24 @@ def test_labels_lie_on_the_input_grid_in_any_axis_order(model, cine, canonical, 
     assert agreement >= 0.999
 
 
+@pytest.mark.parametrize("mirroring", ["on", "off"])
+def test_mirroring_can_be_chosen_for_one_run(model, cine, tmp_path, mirroring):
+    """--mirroring on/off runs what the service's segmenter runs with/without test-time mirroring."""
+    image, affine = cine
+    expected = {}
+    for use in (True, False):
+        seg = load_segmenter(model.layout, backend="onnxruntime", use_mirroring=use)
+        try:
+            expected[use] = seg.segment_cine(image, affine)
+        finally:
+            seg.close()
+    assert not np.array_equal(expected[True], expected[False])  # so that the choice shows
+    src, dst = tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), src)
+    assert main(["segment", str(src), "--out", str(dst), "--model", str(model.layout), "--mirroring", mirroring]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(dst).dataobj), expected[mirroring == "on"])
+
+
 def test_bad_inputs_get_one_line_and_exit_1(model, tmp_path, capsys):
     text = tmp_path / "notes.nii.gz"
     text.write_text("not an image\n")

@@ -83,6 +83,9 @@ def register_segment(subparsers) -> None:
     parser.add_argument("--model", metavar="MODEL_DIR",
                         help="model layout (repository or model folder; default: the shipped default model)")
     parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--mirroring", choices=("on", "off"),
+                        help="test-time mirroring on every axis the model allows: a little more accurate, several "
+                        "times slower (default: as the model's inference.json chose; its choices_evidence says why)")
     parser.set_defaults(handler=_segment)
 
 
@@ -107,7 +110,8 @@ def _segment(args: argparse.Namespace) -> int:
     from services.segmentation.inference import InvalidInput, labels_nifti, load_segmenter, segment_image
 
     try:
-        segmenter = load_segmenter(args.model or DEFAULT_MODEL_DIR, backend="onnxruntime", threads=args.threads)
+        segmenter = load_segmenter(args.model or DEFAULT_MODEL_DIR, backend="onnxruntime", threads=args.threads,
+                                   use_mirroring=None if args.mirroring is None else args.mirroring == "on")
     except (LayoutError, FileNotFoundError) as exc:
         raise CommandError(f"cannot load the model: {str(exc).splitlines()[0]}") from None
     try:
