@@ -269,15 +269,13 @@ def evaluate_unlabelled(model_dir: str | Path, root: str | Path, threads: int = 
     against: the values are for plausibility and for the look by eye the model card records."""
     import nibabel as nib
 
-    from services.segmentation.function import measure_labels
+    from services.segmentation.function import MEASUREMENT_KEYS, measure_labels
     from services.segmentation.inference import load_segmenter
 
     subjects = sorted(p.parent for p in Path(root).glob("*/sax_ed.nii.gz") if (p.parent / "sax_es.nii.gz").is_file())
     if not subjects:
         raise ValueError(f"{root}: no <subject>/sax_ed.nii.gz + sax_es.nii.gz")
     segmenter = load_segmenter(model_dir, threads=threads)
-    keys = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "lv_mass_g", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml",
-            "rv_ef_pct")
     result = {}
     try:
         for folder in subjects:
@@ -287,7 +285,7 @@ def evaluate_unlabelled(model_dir: str | Path, root: str | Path, threads: int = 
             measured = measure_labels(labels, ed.affine, ed_phase=0, es_phase=1)
             result[folder.name] = {
                 "shape": list(labels.shape[:3]), "spacing_mm": [round(float(s), 3) for s in ed.header.get_zooms()[:3]],
-                **{k: measured[k] for k in keys},
+                **{k: measured[k] for k in MEASUREMENT_KEYS},
                 "quality": [flag["code"] for flag in measured["quality"]],
                 "slices_with": {phase: {CLASS_NAMES[c]: [int(z) for z in np.flatnonzero((labels[..., i] == c).any((0, 1)))]
                                         for c in CLASS_NAMES} for i, phase in enumerate(("ed", "es"))},
@@ -316,13 +314,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model_dir(args.model)
     mirroring = False if args.no_mirroring else (True if args.mirroring else None)
-    if args.sunnybrook:
-        report = evaluate_sunnybrook(model_dir, args.sunnybrook, use_mirroring=mirroring)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
-        print(json.dumps(report, indent=1, default=float))
-        return 0
-    if args.unlabelled:
-        report = evaluate_unlabelled(model_dir, args.unlabelled)
+    if args.sunnybrook or args.unlabelled:
+        report = (evaluate_sunnybrook(model_dir, args.sunnybrook, use_mirroring=mirroring) if args.sunnybrook
+                  else evaluate_unlabelled(model_dir, args.unlabelled))
         Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
         print(json.dumps(report, indent=1, default=float))
         return 0
