@@ -93,6 +93,16 @@ def _labels(entry: dict) -> np.ndarray:
     return labels
 
 
+def _labels_rv_larger_at_es(entry: dict) -> np.ndarray:
+    """_labels, but the RV at ES larger than at ED on slice 0: the measuring code keeps the RV
+    values and flags them doubtful (es_larger_than_ed_on_slices)."""
+    labels = _labels(entry)
+    x, y = np.ogrid[:entry["columns"], :entry["rows"]]
+    plane = labels[:, :, 0, entry["n_phases"] - 1]
+    plane[((x - 37) ** 2 + (y - 24) ** 2 <= 11 ** 2) & (plane == 0)] = 3
+    return labels
+
+
 def write_conformant_study(folder: Path, **kwargs):
     """The test factory's cine plus the patient/study attributes it leaves out, so that nothing
     the SR/SEG copy from it is non-conformant."""
@@ -120,7 +130,7 @@ def build_outputs(dicom_dir: Path, work: Path, labels_of=_labels, run: str = "ru
     headers = list(read_source_headers(dicom_dir, seg_source_uids(segs.values())).values())
     report = {"measurements": {k: v for k, v in measurements.items()
                                if k not in ("quality", "model", "lv_volume_curve_ml", "rv_volume_curve_ml")},
-              "models": {"segmentation": MODEL}}
+              "models": {"segmentation": MODEL}, "quality": measurements["quality"]}
     sr = build_sr(segs, headers, report, run=run)
     paths = _save({"sr": sr, **{f"seg_{t}": s for t, s in segs.items()}}, work / "out")
     return SimpleNamespace(manifest=manifest, entry=entry, labels=labels, measurements=measurements, segs=segs,
@@ -168,6 +178,28 @@ def test_valid_source_sr_reads_in_dcmtk(valid):
         assert result.returncode == 0, f"{tool}: {result.stderr}"
         assert not re.search(r"^[EF]: ", result.stderr, re.M), result.stderr
     assert "Referenced Segment" in dcmtk_reads("dsrdump", valid.paths["sr"]).stdout
+
+
+def test_doubted_values_are_marked_in_the_sr_and_it_stays_conformant(valid, tmp_path):
+    from services.gateway.dicom_sr import FLAG_SCHEME, read_sr_doubts, read_sr_measurements
+
+    code = "es_larger_than_ed_on_slices"
+    # The cylinder phantom already has doubted values (no apex, curve not cyclic), but not this flag.
+    assert read_sr_doubts(valid.sr) and not any(code in codes for codes in read_sr_doubts(valid.sr).values())
+    write_conformant_study(tmp_path / "dicom")
+    odd = build_outputs(tmp_path / "dicom", tmp_path, _labels_rv_larger_at_es)
+    flag = next(f for f in odd.measurements["quality"] if f["code"] == code)
+    assert "rv_ef_pct" in flag["doubts"] and odd.measurements["rv_ef_pct"] is not None
+    # Still measured, and each RV group (and no LV group) names the flag.
+    written = read_sr_measurements(odd.sr)
+    assert written["rv_ef_pct"] == odd.measurements["rv_ef_pct"]
+    marked = {group for group, codes in read_sr_doubts(odd.sr).items() if code in codes}
+    assert marked == {"RV cavity at ED", "RV cavity at ES", "RV function"}
+    assert [s.CodingSchemeDesignator for s in odd.sr.CodingSchemeIdentificationSequence] == [FLAG_SCHEME]
+    assert dciodvfy(odd.paths["sr"])[0] == []
+    dump = dcmtk_reads("dsrdump", odd.paths["sr"])
+    assert dump.returncode == 0 and not re.search(r"^[EF]: ", dump.stderr, re.M), dump.stderr
+    assert "Quality Finding" in dump.stdout and "es larger than ed on slices" in dump.stdout
 
 
 def test_valid_source_patient_and_study_match_across_files(valid):

@@ -22,6 +22,12 @@ Layout of the report (highdicom templates):
   and Measurement Method = LN 8277-6 "BSA" (CID 3455 Index Method); that pair (concept, method)
   is what `read_sr_measurements` maps back to a key. BSA itself is not written.
 - Null values are left out; a group without values is left out.
+- Values measured but doubted by a quality flag (the flag's "doubts"; report.txt prints them
+  "doubtful (code)"): their group carries one Qualitative Evaluation per such flag, concept
+  DCM 111052 "Quality Finding", value the flag's code in the private scheme 99CMRVL (named in
+  CodingSchemeIdentificationSequence). A group holds one structure and phase, so the mark names
+  the flag and the structure; which of the group's values it doubts is in the report JSON.
+  `read_sr_doubts` reads them back.
 - Observer context: the segmentation model as the device observer (TID 1004, its UID is the
   SEG's DeviceSerialNumber); each group and measurement also names it as algorithm.
 - Patient/study attributes are the source's, element for element (`copy_study_attributes`);
@@ -94,6 +100,8 @@ _LV_EF = ("LN", "8811-2", "Left ventricular ejection fraction by MR")  # CID 383
 _RV_EF = ("LN", "8818-7", "Right ventricular ejection fraction by MR")  # CID 3833
 _LV_MASS = ("LN", "18087-7", "Left Ventricle Mass")  # CID 12203 / 12200
 BSA_INDEX = ("LN", "8277-6", "BSA")  # CID 3455 Index Method
+QUALITY_FINDING = ("DCM", "111052", "Quality Finding")
+FLAG_SCHEME = "99CMRVL"  # private coding scheme: the segmentation's quality flag codes
 _UNITS = {"ml": "milliliter", "g": "gram", "%": "percent", "ml/m2": "milliliter per square meter",
           "g/m2": "gram per square meter"}
 
@@ -188,6 +196,7 @@ def build_sr(
     model = (report.get("models") or {}).get("segmentation") or measurements.get("model") or {}
     name, version = str(model.get("name") or "unknown"), str(model.get("version") or "0")
     values = {key: float(measurements[key]) for key in SR_KEYS if measurements.get(key) is not None}
+    doubted_by = _doubting_flags(report.get("quality") or [])  # the report's, or a bare measurements dict's
     phases = {"ed": measurements.get("ed_phase"), "es": measurements.get("es_phase")}
     if not segs:
         raise ValueError("no SEG given: the SR's measurement groups reference SEG segments")
@@ -221,9 +230,12 @@ def build_sr(
                 method=_code(BSA_INDEX) if indexed else None, algorithm_id=algorithm))
         tracking = hd.sr.TrackingIdentifier(
             uid=derived_uid("sr-track", study_uid, name, version, group_key), identifier=group.label)
+        flags = sorted({code for key in keys for code in doubted_by.get(key, [])})
+        doubts = [hd.sr.QualitativeEvaluation(_code(QUALITY_FINDING), _flag_code(code)) for code in flags]
         common = dict(tracking_identifier=tracking, finding_category=codes.cid7150.AnatomicalStructure,
                       finding_type=site_code, algorithm_id=algorithm,
-                      finding_sites=[hd.sr.FindingSite(site_code)], measurements=items)
+                      finding_sites=[hd.sr.FindingSite(site_code)], measurements=items,
+                      qualitative_evaluations=doubts or None)
         if group.segment is not None:
             seg = segs[phases[group.phase]]
             if group.segment not in {item.SegmentNumber for item in seg.SegmentSequence}:
@@ -259,14 +271,36 @@ def build_sr(
         series_instance_uid=derived_uid("sr-series", run, study_uid, name, version),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid("sr", run, study_uid, name, version, *seg_uids,
-                                     json.dumps(values, sort_keys=True)),
+                                     json.dumps([values, doubted_by], sort_keys=True)),
         instance_number=1,
         manufacturer=MANUFACTURER,
         series_description=lo(f"CMR-VL measurements {name} {version}"),
         previous_versions=list(predecessors) or None,
     )
     copy_study_attributes(sr, evidence_sources[0])
+    if doubted_by:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = FLAG_SCHEME
+        scheme.CodingSchemeName = "CMR-VL segmentation quality flags"
+        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+        sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def _doubting_flags(quality: Sequence[Mapping]) -> dict[str, list[str]]:
+    """{report key: codes of the flags that leave it measured but doubtful}."""
+    out: dict[str, list[str]] = {}
+    for flag in quality:
+        for key in flag.get("doubts", []):
+            out.setdefault(key, []).append(str(flag["code"]))
+    return out
+
+
+def _flag_code(code: str):
+    import highdicom as hd
+
+    # Codes longer than 16 characters go to LongCodeValue (highdicom does that).
+    return hd.sr.CodedConcept(code, FLAG_SCHEME, lo(code.replace("_", " ")))
 
 
 def read_sr_measurements(sr: Dataset) -> dict[str, float]:
@@ -296,5 +330,22 @@ def read_sr_measurements(sr: Dataset) -> dict[str, float]:
     return out
 
 
-__all__ = ["BSA_INDEX", "GROUPS", "MEASURES", "SR_KEYS", "SR_SERIES_NUMBER", "build_sr",
-           "read_sr_measurements", "seg_source_uids"]
+def read_sr_doubts(sr: Dataset) -> dict[str, list[str]]:
+    """{group tracking identifier (e.g. "RV cavity at ES"): flag codes that doubt its values}, from
+    the groups' Quality Finding evaluations written by `build_sr`."""
+    import highdicom as hd
+
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    content = sr.content
+    out: dict[str, list[str]] = {}
+    for group in [*content.get_volumetric_roi_measurement_groups(), *content.get_image_measurement_groups()]:
+        codes = [e.value.value for e in group.get_qualitative_evaluations()
+                 if (e.name.scheme_designator, e.name.value) == QUALITY_FINDING[:2]
+                 and e.value.scheme_designator == FLAG_SCHEME]
+        if codes:
+            out[group.tracking_identifier] = codes
+    return out
+
+
+__all__ = ["BSA_INDEX", "FLAG_SCHEME", "GROUPS", "MEASURES", "QUALITY_FINDING", "SR_KEYS", "SR_SERIES_NUMBER",
+           "build_sr", "read_sr_doubts", "read_sr_measurements", "seg_source_uids"]

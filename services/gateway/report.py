@@ -10,7 +10,7 @@ Report JSON:
     measurements    the keys `cmrvl measure` prints (lv_edv_ml ... rv_ef_pct, indexed *_m2, bsa_m2, ed/es phase)
     measurement_details  per key: value, unit, normal range (low, high, source), "low"/"normal"/"high";
                     a null value has "reason": the code and message of the quality flag that left it null;
-                    a measured one "caveats": the flags that doubt it (text and PDF mark it)
+                    a measured one "caveats": the flags that doubt it (text, PDF and SR mark it)
     findings        one entry per catalog task: task id, answer, parsed finding, model
     models          {"segmentation": {name, version, backend} | null, "vlm": {...} | null}
     quality         flags {code, message, source}: what preprocessing found in the study and its cine
