@@ -1,4 +1,5 @@
-"""A burst of studies queues behind the per-stage limits instead of overloading the stages."""
+"""A burst of studies queues behind the per-stage limits instead of overloading the stages, and
+the gateway's watchers behind its watch limit instead of starving its other calls."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def limited_stack(tmp_path):
     stack.up(base_port=free_base_port(), extra_env={
         "CMRVL_WORKFLOW_WORKERS": "8", "CMRVL_PREPROCESS_CONCURRENCY": "2",
         "CMRVL_SEGMENTATION_CONCURRENCY": "1", "CMRVL_FINDINGS_CONCURRENCY": "1",
+        # 16 threads: 12 WatchStudy streams at once, fewer than the 20 watching clients.
+        "CMRVL_GRPC_WORKERS": "16",
     })
     yield stack
     stack.down()
@@ -43,3 +46,7 @@ def test_twenty_concurrent_studies_complete_within_the_stage_limits(limited_stac
     assert peaks.get("segmentation", 0) <= 1 and peaks.get("findings", 0) <= 1
     finished = re.findall(r'^cmrvl_studies_finished_total\{status="\w+"\} ([0-9.]+)$', metrics, re.M)
     assert sum(float(v) for v in finished) == N_STUDIES
+    # The watchers beyond the limit were told so (and watched again later): nobody waited on a thread.
+    refused = re.findall(r'^cmrvl_rpc_total\{code="RESOURCE_EXHAUSTED",method="/cmrvl.v1.StudyService/WatchStudy"\} '
+                         r'([0-9.]+)$', metrics, re.M)
+    assert refused and float(refused[0]) >= 1, "no watcher was refused: the limit did not apply"

@@ -53,8 +53,9 @@ class StudyClient:
     def watch(self, study_id: str, timeout_s: float = 3600, reconnect_s: float = RECONNECT_S,
               backoff_s: float = 0.5) -> Iterator[study_pb2.StudyEvent]:
         """Every event of the study once, in order, until its final one. A gateway that goes away
-        (restart, rolling update) is reconnected to with backoff for up to `reconnect_s` without a
-        stream; the watch resumes after the last event received."""
+        (restart, rolling update) or has no stream to spare (RESOURCE_EXHAUSTED: too many watchers)
+        is called again with backoff for up to `reconnect_s` without a stream; the watch resumes
+        after the last event received."""
         deadline = time.monotonic() + timeout_s
         outage = Backoff(backoff_s, 5.0, reconnect_s)
         next_sequence, last_status = 0, None
@@ -72,7 +73,7 @@ class StudyClient:
                     return
                 problem = None  # ended before the final event: a gateway shutting down
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
                 problem = exc
             finally:

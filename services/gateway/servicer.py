@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +35,9 @@ STAGE = {
     "report": common_pb2.STAGE_REPORT,
 }
 WATCH_POLL_S = 0.3
+# Each open WatchStudy stream holds a worker thread for its study's whole run; a quarter of the
+# threads stays for every other call, so that watchers cannot starve GetStudy and SubmitStudy.
+WATCH_SHARE_OF_WORKERS = 0.75
 REPORT_CHUNK_BYTES = 64 * 1024  # well under gRPC's default 4 MiB message limit
 CONTENT_TYPES = {".dcm": "application/dicom", ".json": "application/json", ".txt": "text/plain",
                  ".pdf": "application/pdf", ".png": "image/png"}
@@ -101,6 +105,8 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
     def __init__(self, settings: Settings, store: ObjectStore, records: RecordStore, workflow: Workflow):
         self.settings, self.store, self.records, self.workflow = settings, store, records, workflow
         self.max_upload_bytes = settings.max_upload_mb * 1024 * 1024
+        self.max_watchers = max(1, int(settings.grpc_workers * WATCH_SHARE_OF_WORKERS))
+        self._watch_slots = threading.BoundedSemaphore(self.max_watchers)
         scratch.process_root()  # at start: removes what killed processes left in the temp folder
 
     def _existing_or_new(self, study_uid: str, client_request_id: str, upload, height, weight,
@@ -209,18 +215,26 @@ class StudyServicer(study_pb2_grpc.StudyServiceServicer):
             record = self._record(request.study_id)
         except Exception as exc:  # noqa: BLE001 - a stream's failure reaches the caller as its status
             context.abort(status_for(exc), str(exc) or type(exc).__name__)
-        sent = 0
-        while context.is_active():
-            for event in record["events"][sent:]:
-                yield event_message(record, event)
-            sent = len(record["events"])
-            if record["status"] in TERMINAL:  # the final event was written with the final status
-                return
-            time.sleep(WATCH_POLL_S)
-            try:
-                record = self.records.get(request.study_id) or record
-            except ConnectionError:  # the store is out of reach for a moment: the stream waits
-                pass
+        if not self._watch_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_watchers} WatchStudy streams are open, the most this gateway serves at once "
+                          f"(the rest of its {self.settings.grpc_workers} worker threads stays for other calls): "
+                          "watch again later, or poll GetStudy")
+        try:
+            sent = 0
+            while context.is_active():
+                for event in record["events"][sent:]:
+                    yield event_message(record, event)
+                sent = len(record["events"])
+                if record["status"] in TERMINAL:  # the final event was written with the final status
+                    return
+                time.sleep(WATCH_POLL_S)
+                try:
+                    record = self.records.get(request.study_id) or record
+                except ConnectionError:  # the store is out of reach for a moment: the stream waits
+                    pass
+        finally:
+            self._watch_slots.release()
 
     @grpc_errors
     def GetReport(self, request, context):

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     # Each open WatchStudy stream holds one worker thread for the study's whole run; with 16, twenty
-    # watching clients starved every unary call (GetStudy, SubmitStudy) until a study ended.
+    # watching clients starved every unary call (GetStudy, SubmitStudy) until a study ended. The
+    # gateway now serves at most three quarters of them as watch streams (RESOURCE_EXHAUSTED beyond).
     grpc_workers: int = Field(64, ge=1, le=1024)
     max_message_mb: int = Field(64, ge=1, le=2047)
     shutdown_grace_s: float = Field(30.0, ge=0)
