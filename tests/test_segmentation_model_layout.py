@@ -128,3 +128,21 @@ def test_postprocess_keeps_the_largest_component_of_the_chosen_labels():
     out = postprocess(labels, (1, 3))
     assert (out[9:11, 9:11, 1] == 0).all() and (out[1:6, 1:6, 1] == 1).all() and (out == 3).sum() == 4
     np.testing.assert_array_equal(postprocess(labels, ()), labels)
+
+
+def test_postprocess_within_the_bounding_box_equals_nnunets_on_the_whole_volume():
+    """postprocess works on each label's bounding box (for speed); nnU-Net's own function on the
+    whole volume must give the very same labels, here on random blobs of every class."""
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+    from scipy import ndimage
+
+    from services.segmentation.inference import postprocess
+
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.random((64, 64, 10)), 2)
+    labels = np.digitize(noise, np.quantile(noise, [0.7, 0.8, 0.9])).astype(np.uint8)  # many islands per class
+    expected = labels.copy()
+    for value in (1, 2, 3):
+        expected = remove_all_but_largest_component_from_segmentation(expected, value, background_label=0)
+    assert (expected != labels).any()  # islands were removed, so the comparison means something
+    np.testing.assert_array_equal(postprocess(labels.copy(), (1, 2, 3)), expected)

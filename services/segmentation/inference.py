@@ -20,6 +20,8 @@ Post-processing (keep the largest connected component of a label in each 3D volu
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +168,13 @@ class Segmenter:
     """Segments cine volumes (x = DICOM column, y = row, z = slice, t = phase) into CMR-VL labels."""
 
     def __init__(self, predictor: BackendPredictor, lut: np.ndarray, model_dir: Path, version: int,
-                 largest_component: tuple[int, ...] = ()):
+                 largest_component: tuple[int, ...] = (), workers: int | None = None):
         self.predictor, self.lut, self.model_dir, self.version = predictor, lut, model_dir, version
         self.largest_component = tuple(int(v) for v in largest_component)  # CMR-VL labels
         self._preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        # Threads for the per-phase work around the network (resampling, cropping, components): the
+        # scipy/skimage code releases the GIL, and each phase is independent.
+        self.workers = max(1, workers or len(os.sched_getaffinity(0)))
 
     def segment_volume(self, image_3d: np.ndarray, affine) -> np.ndarray:
         return self.segment_cine(np.asarray(image_3d)[..., None], affine)[..., 0]
@@ -189,21 +194,28 @@ class Segmenter:
         p = self.predictor
         # nnU-Net works in SimpleITK's (z, y, x) order; this is exactly what nnUNetv2_predict sees when
         # it reads the same volume from a NIfTI file.
-        properties, volumes = [], []
-        for t in range(image.shape[3]):
+        configuration = _DiscardedMaskNotResampled(p.configuration_manager)
+
+        def preprocess(t: int):
             zyx = np.ascontiguousarray(image[..., t].transpose(2, 1, 0), dtype=np.float32)[None]
             data, _, props = self._preprocessor.run_case_npy(zyx, None, {"spacing": [sz, sy, sx]}, p.plans_manager,
-                                                             _DiscardedMaskNotResampled(p.configuration_manager),
-                                                             p.dataset_json)
-            volumes.append(torch.from_numpy(data))
-            properties.append(props)
-        logits = p.predict_logits_many(volumes)
-        labels = np.empty(image.shape, np.uint8)
-        for t, (lg, props) in enumerate(zip(logits, properties)):
+                                                             configuration, p.dataset_json)
+            return torch.from_numpy(data), props
+
+        def to_labels(logits: torch.Tensor, props: dict) -> np.ndarray:
             seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-                lg.numpy(), p.plans_manager, p.configuration_manager, p.label_manager, props, num_threads_torch=1)
-            labels[..., t] = postprocess(self.lut[seg.transpose(2, 1, 0)], self.largest_component)
-        return labels
+                logits.numpy(), p.plans_manager, p.configuration_manager, p.label_manager, props, num_threads_torch=1)
+            return postprocess(self.lut[seg.transpose(2, 1, 0)], self.largest_component)
+
+        torch_threads = torch.get_num_threads()  # nnU-Net's conversion sets and resets it, racing across threads
+        try:
+            with ThreadPoolExecutor(min(self.workers, image.shape[3])) as pool:
+                volumes, properties = zip(*pool.map(preprocess, range(image.shape[3])))
+                logits = p.predict_logits_many(list(volumes))
+                per_phase = list(pool.map(to_labels, logits, properties))
+        finally:
+            torch.set_num_threads(torch_threads)
+        return np.stack(per_phase, axis=-1)
 
     def close(self) -> None:
         self.predictor.backend.close()
@@ -216,7 +228,15 @@ def postprocess(labels_3d: np.ndarray, largest_component: tuple[int, ...]) -> np
     from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
     for value in largest_component:  # one label at a time: a list would be treated as one union mask
-        labels_3d = remove_all_but_largest_component_from_segmentation(labels_3d, int(value), background_label=0)
+        mask = labels_3d == value
+        if not mask.any():
+            continue
+        # Within the label's bounding box: the same components, in a fraction of the volume.
+        box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in
+                    (np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+                     for axis in range(mask.ndim)))
+        labels_3d[box] = remove_all_but_largest_component_from_segmentation(labels_3d[box], int(value),
+                                                                            background_label=0)
     return labels_3d
 
 
@@ -292,4 +312,5 @@ def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime"
         use_mirroring = bool(info.get("use_mirroring", True))
     predictor = BackendPredictor(net, layout, use_mirroring=use_mirroring)
     post = (info.get("postprocessing") or {}).get("largest_component") or ()
-    return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version, largest_component=post)
+    return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version, largest_component=post,
+                     workers=threads)
