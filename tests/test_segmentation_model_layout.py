@@ -118,6 +118,48 @@ def test_choices_recorded_in_inference_json_are_honoured(model, tmp_path):
         record_inference_choices(version_dir, use_mirroring=True, largest_component=[0, 4])
 
 
+def test_mirroring_on_one_axis_is_nnunets_predictor_mirroring_on_that_axis(model, tmp_path):
+    """A recorded subset of mirroring axes (inference.json mirroring_axes) runs what nnU-Net's own
+    predictor runs with allowed_mirroring_axes set to it, on the same weights."""
+    import shutil
+
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from services.segmentation.inference import load_segmenter
+    from services.segmentation.model_layout import record_inference_choices
+
+    shutil.copytree(model.layout, tmp_path / "repo")
+    model_dir = resolve_model_dir(tmp_path / "repo")
+    version_dir = model_dir / str(latest_version(model_dir))
+    allowed = json.loads((version_dir / "inference.json").read_text())["inference_allowed_mirroring_axes"]
+    assert allowed == [0, 1]
+    info = record_inference_choices(version_dir, use_mirroring=True, largest_component=[], mirroring_axes=[1])
+    assert info["mirroring_axes"] == [1]
+    for bad in ([], [2]):
+        with pytest.raises(LayoutError, match="subset"):
+            record_inference_choices(version_dir, use_mirroring=True, largest_component=[], mirroring_axes=bad)
+    with pytest.raises(LayoutError, match="with mirroring on"):
+        record_inference_choices(version_dir, use_mirroring=False, largest_component=[], mirroring_axes=[1])
+
+    image, _, affine = unseen_cine(n_phases=1)
+    ours = load_segmenter(tmp_path / "repo")
+    assert ours.predictor.use_mirroring and tuple(ours.predictor.allowed_mirroring_axes) == (1,)
+    labels = ours.segment_volume(image[..., 0], affine)
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False, perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(str(model.results_folder), use_folds=(FOLD,))
+    predictor.allowed_mirroring_axes = (1,)
+    zyx = np.ascontiguousarray(image[..., 0].transpose(2, 1, 0), np.float32)[None]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[::-1].tolist()
+    reference = predictor.predict_single_npy_array(zyx, {"spacing": spacing}).transpose(2, 1, 0)
+    assert set(np.unique(reference)) >= {1, 3}
+    assert np.mean(labels == reference) >= 0.999
+    both = load_segmenter(tmp_path / "repo", mirroring_axes=(0, 1))
+    assert tuple(both.predictor.allowed_mirroring_axes) == (0, 1)
+    with pytest.raises(ValueError, match="subset"):
+        load_segmenter(tmp_path / "repo", mirroring_axes=(2,))
+
+
 def test_postprocess_keeps_the_largest_component_of_the_chosen_labels():
     from services.segmentation.inference import postprocess
 

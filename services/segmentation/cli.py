@@ -84,8 +84,9 @@ def register_segment(subparsers) -> None:
                         help="model layout (repository or model folder; default: the shipped default model)")
     parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: all cores)")
     parser.add_argument("--mirroring", choices=("on", "off"),
-                        help="test-time mirroring on every axis the model allows: a little more accurate, several "
-                        "times slower (default: as the model's inference.json chose; its choices_evidence says why)")
+                        help="test-time mirroring (on the axes the model's inference.json names, else on every axis "
+                        "it allows): a little more accurate, two to four times slower (default: as inference.json "
+                        "chose; its choices_evidence says why)")
     parser.set_defaults(handler=_segment)
 
 

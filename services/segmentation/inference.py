@@ -60,13 +60,23 @@ class BackendPredictor(nnUNetPredictor):
     """
 
     def __init__(self, backend: Backend, layout: dict, *, tile_step_size: float = 0.5,
-                 use_gaussian: bool = True, use_mirroring: bool = True, tiles_per_call: int | None = None):
+                 use_gaussian: bool = True, use_mirroring: bool = True, tiles_per_call: int | None = None,
+                 mirroring_axes: tuple[int, ...] | None = None):
+        """``mirroring_axes``: the axes test-time mirroring flips, a subset of the checkpoint's allowed
+        ones (nnU-Net's predictor with ``allowed_mirroring_axes`` set to them); None: as the version's
+        inference.json chose (``mirroring_axes``), else every allowed axis."""
         super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
                          perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                          verbose_preprocessing=False, allow_tqdm=False)
         info = layout["inference"]
         plans_manager = PlansManager(layout["plans"])
         mirror = info.get("inference_allowed_mirroring_axes")
+        chosen = mirroring_axes if mirroring_axes is not None else info.get("mirroring_axes")
+        if chosen is not None and mirror is not None:
+            if not chosen or not set(chosen) <= set(mirror):
+                raise ValueError(f"mirroring axes {list(chosen)} are not a non-empty subset of the checkpoint's "
+                                 f"allowed axes {list(mirror)}")
+            mirror = sorted(int(a) for a in chosen)
         self.manual_initialization(_BackendNetwork(backend), plans_manager,
                                    plans_manager.get_configuration(info["configuration"]), [{}],
                                    layout["dataset"], info["source"].get("trainer_name") or "nnUNetTrainer",
@@ -279,7 +289,7 @@ def labels_nifti(labels: np.ndarray, affine) -> "nibabel.Nifti1Image":
 def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime", *, triton_url: str | None = None,
                    model_name: str = MODEL_NAME, version: int | None = None, timeout_s: float = 60.0,
                    max_attempts: int = 4, fallback: bool = False, use_mirroring: bool | None = None,
-                   threads: int | None = None) -> Segmenter:
+                   mirroring_axes: tuple[int, ...] | None = None, threads: int | None = None) -> Segmenter:
     """Segmenter for the model layout at ``model_dir_or_layout`` (repository or model folder).
 
     backend "onnxruntime": the version's model.onnx in this process. backend "triton": the same
@@ -287,7 +297,8 @@ def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime"
     version's JSON files are read locally, unless ``fallback=True``: then the local model.onnx runs
     in-process whenever Triton stays unavailable after its retries.
     ``use_mirroring`` None: as the version's inference.json chose on validation (``use_mirroring``,
-    True where it says nothing: nnU-Net's default).
+    True where it says nothing: nnU-Net's default); ``mirroring_axes`` None: its ``mirroring_axes``,
+    else every axis the checkpoint allows.
     """
     model_dir = resolve_model_dir(model_dir_or_layout, model_name)
     version = int(version) if version is not None else latest_version(model_dir)
@@ -310,7 +321,7 @@ def load_segmenter(model_dir_or_layout: str | Path, backend: str = "onnxruntime"
         raise ValueError(f"unknown backend {backend!r} (onnxruntime or triton)")
     if use_mirroring is None:
         use_mirroring = bool(info.get("use_mirroring", True))
-    predictor = BackendPredictor(net, layout, use_mirroring=use_mirroring)
+    predictor = BackendPredictor(net, layout, use_mirroring=use_mirroring, mirroring_axes=mirroring_axes)
     post = (info.get("postprocessing") or {}).get("largest_component") or ()
     return Segmenter(predictor, label_lut(layout["labels"]), model_dir, version, largest_component=post,
                      workers=threads)

@@ -14,7 +14,7 @@ Layout (a Triton model repository; in the cluster Triton loads it straight from 
           inference.json               what the checkpoint adds: configuration, mirroring axes, tensor
                                        names, source checkpoint, ONNX-vs-PyTorch verification; and
                                        the choices made on validation (record_inference_choices):
-                                       use_mirroring, postprocessing.largest_component
+                                       use_mirroring (mirroring_axes), postprocessing.largest_component
 
 The JSON files sit beside model.onnx so that each version carries the preprocessing it was trained
 with; Triton's ONNX backend reads only model.onnx and ignores them. The segmentation service reads
@@ -236,16 +236,25 @@ def export_model(nnunet_results_folder: str | Path, out_layout_dir: str | Path,
 
 
 def record_inference_choices(version_dir: str | Path, *, use_mirroring: bool, largest_component: list[int],
-                             evidence: dict | None = None) -> dict[str, Any]:
-    """Write what validation chose into the version's inference.json: test-time mirroring on or off,
-    and the CMR-VL labels whose largest 3D connected component alone is kept (nnU-Net-style
+                             evidence: dict | None = None, mirroring_axes: list[int] | None = None) -> dict[str, Any]:
+    """Write what validation chose into the version's inference.json: test-time mirroring on or off
+    (and on which axes: ``mirroring_axes``, a subset of the checkpoint's allowed axes; None: all of
+    them), and the CMR-VL labels whose largest 3D connected component alone is kept (nnU-Net-style
     post-processing), with the numbers that decided it. The segmentation service reads them."""
     path = Path(version_dir) / "inference.json"
     info = json.loads(path.read_text())
     unknown = sorted(set(map(int, largest_component)) - (set(CMRVL_LABELS) - {0}))
     if unknown:
         raise LayoutError(f"largest_component labels {unknown} are not CMR-VL foreground labels")
+    allowed = info.get("inference_allowed_mirroring_axes") or []
+    if mirroring_axes is not None and (not use_mirroring or not set(mirroring_axes) <= set(allowed)
+                                       or not mirroring_axes):
+        raise LayoutError(f"mirroring_axes {mirroring_axes} must be a non-empty subset of the checkpoint's allowed "
+                          f"axes {allowed}, with mirroring on")
     info["use_mirroring"] = bool(use_mirroring)
+    info.pop("mirroring_axes", None)
+    if mirroring_axes is not None:
+        info["mirroring_axes"] = sorted(int(a) for a in mirroring_axes)
     info["postprocessing"] = {"largest_component": sorted(int(v) for v in largest_component)}
     if evidence is not None:
         info["choices_evidence"] = evidence

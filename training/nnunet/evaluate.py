@@ -75,10 +75,12 @@ def agreement(diffs: list[float]) -> dict:
 
 def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_dir: str | Path | None,
                       training: dict | None = None, out: str | Path | None = None, cases: list[str] | None = None,
-                      use_mirroring: bool | None = None, note: str | None = None) -> dict:
+                      use_mirroring: bool | None = None, note: str | None = None,
+                      mirroring_axes: tuple[int, ...] | None = None) -> dict:
     """Evaluate ``version_dir`` (an exported model version) on the validation cases of ``fold_dir``
     (the cases nnU-Net validated) or on ``cases``, with labels from ``staged_dataset``; writes
-    evaluation.json (or ``out``). ``use_mirroring`` None: as the model's inference.json says."""
+    evaluation.json (or ``out``). ``use_mirroring`` / ``mirroring_axes`` None: as the model's
+    inference.json says."""
     import time
 
     import nibabel as nib
@@ -99,7 +101,7 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
             raise ValueError(f"{fold_dir}/validation holds no predicted cases (was nnU-Net's validation run?)")
 
     segmenter = load_segmenter(version_dir.parent, backend="onnxruntime", version=int(version_dir.name),
-                               use_mirroring=use_mirroring)
+                               use_mirroring=use_mirroring, mirroring_axes=mirroring_axes)
     per_case, labels_of = {}, {}
     start = time.perf_counter()
     try:
@@ -152,6 +154,8 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
                           "pipeline works, not how the model generalises") if fold == "all" else
                          "validation cases of this fold (not seen in training)"),
         "use_mirroring": segmenter.predictor.use_mirroring and bool(segmenter.predictor.allowed_mirroring_axes),
+        "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if segmenter.predictor.use_mirroring
+        else [],
         "largest_component": list(segmenter.largest_component),
         "seconds": round(seconds, 1),
         "backend": "onnxruntime (the exported model.onnx with nnU-Net pre/post-processing, as served)",
@@ -218,7 +222,7 @@ def held_out_cases(staged_dataset: str | Path) -> list[str]:
 
 
 def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_mirroring: bool | None = None,
-                        threads: int = 2) -> dict:
+                        threads: int = 2, mirroring_axes: tuple[int, ...] | None = None) -> dict:
     """A model on the (unseen, GE) Sunnybrook study as the service runs it: Dice against the expert
     LV contours at the expert ED/ES phases on the drawn slices; LV volumes on those slices, model
     and expert; the whole cine measured as the service measures it (ED/ES from the volume curve,
@@ -231,12 +235,14 @@ def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_
 
     (study_id, case_id, dicom_dir, contour_dir), *_ = find_cases(sunnybrook_root)
     case = load_case(dicom_dir, contour_dir, study_id, case_id)
-    segmenter = load_segmenter(model_dir, use_mirroring=use_mirroring, threads=threads)
+    segmenter = load_segmenter(model_dir, use_mirroring=use_mirroring, mirroring_axes=mirroring_axes, threads=threads)
     segmenter.segment_volume(case.study.image[..., 0], case.study.affine)  # warm-up, not timed
     start = time.perf_counter()
     labels = segmenter.segment_cine(case.study.image, case.study.affine)
     result = {"study": study_id, "case": case_id, "seconds_per_cine": round(time.perf_counter() - start, 2),
               "shape": list(case.study.image.shape), "mirroring": segmenter.predictor.use_mirroring,
+              "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if segmenter.predictor.use_mirroring
+              else [],
               "ed_phase": case.ed_phase, "es_phase": case.es_phase}
     for phase, frame in (("ed", case.ed_phase), ("es", case.es_phase)):
         drawn = case.contoured_slices[phase]
@@ -307,15 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", action="store_true", help="the held-out patients of dataset.json")
     parser.add_argument("--fold-dir", help="nnU-Net fold folder whose validation cases to use")
     parser.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring")
-    parser.add_argument("--mirroring", action="store_true", help="test-time mirroring on all allowed axes")
+    parser.add_argument("--mirroring", action="store_true",
+                        help="test-time mirroring (on the axes inference.json names, else on all allowed axes)")
+    parser.add_argument("--mirroring-axes", type=int, nargs="+", metavar="AXIS",
+                        help="test-time mirroring on these patch axes only (a subset of the allowed ones)")
     parser.add_argument("--out", required=True, help="evaluation JSON to write")
     args = parser.parse_args(argv)
     from services.segmentation.model_layout import latest_version, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    mirroring = False if args.no_mirroring else (True if args.mirroring else None)
+    axes = tuple(args.mirroring_axes) if args.mirroring_axes else None
+    mirroring = False if args.no_mirroring else (True if args.mirroring or axes else None)
     if args.sunnybrook or args.unlabelled:
-        report = (evaluate_sunnybrook(model_dir, args.sunnybrook, use_mirroring=mirroring) if args.sunnybrook
+        report = (evaluate_sunnybrook(model_dir, args.sunnybrook, use_mirroring=mirroring, mirroring_axes=axes)
+                  if args.sunnybrook
                   else evaluate_unlabelled(model_dir, args.unlabelled))
         Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
         print(json.dumps(report, indent=1, default=float))
@@ -325,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     version_dir = model_dir / str(args.version or latest_version(model_dir))
     cases = held_out_cases(args.dataset) if args.held_out else None
     report = evaluate_exported(version_dir, args.dataset, Path(args.fold_dir) if args.fold_dir else None,
-                               out=args.out, cases=cases, use_mirroring=mirroring,
+                               out=args.out, cases=cases, use_mirroring=mirroring, mirroring_axes=axes,
                                note="held-out patients of the dataset (never trained on)" if args.held_out else None)
     print(json.dumps({k: report[k] for k in ("dice_mean", "dice_by_phase", "dice_by_group", "use_mirroring",
-                                             "seconds")}, indent=2))
+                                             "mirroring_axes", "seconds")}, indent=2))
     return 0
 
 
