@@ -20,12 +20,13 @@ from services.findings import short_axis as sax
 from services.findings import visual_inputs as vi
 from services.findings.catalog import build_user_message, get_task, load_catalog
 from services.findings.enhancement import enhancement_masks
+from services.preprocess.geometry import APEX_DIRECTION_RAS
 
 SUNNYBROOK = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sunnybrook"
 
 # --- analytic phantom ---------------------------------------------------------------------------
 
-AXIS = sax.APEX_DIRECTION_RAS  # LV long axis, base -> apex
+AXIS = APEX_DIRECTION_RAS  # LV long axis, base -> apex
 CENTER = np.array([10.0, -20.0, 30.0])  # mid-ventricle, RAS+ mm
 _U = np.cross(AXIS, [0.0, 0.0, 1.0]); _U /= np.linalg.norm(_U)
 _V = np.cross(AXIS, _U)

@@ -362,7 +362,7 @@ ACDC_H5 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "acdc
 def test_a_stack_that_stops_short_of_the_apex_is_flagged():
     """The phantom's ventricles are as large on every slice as at mid-ventricle: cut the stack on its
     apical side and the apical slice is the largest one."""
-    from services.findings.short_axis import apex_at_high_index
+    from services.preprocess.geometry import apex_at_high_index
 
     affine = oblique_affine()
     assert "apex_not_covered" not in codes(measure_labels(cycle_4d(), affine))  # slices 0 and 7 are empty
@@ -381,7 +381,7 @@ def test_acdc_expert_contours_raise_neither_geometry_flag():
     above what the experts draw (ES larger than ED by at most 3.9 % of the EDV in training, 4.1 % held
     out; the most apical slice at most 36 % of the largest). The HDF5 files store no geometry; their
     slice 0 is basal, so the affine's slice normal is given pointing to the apex."""
-    from services.findings.short_axis import apex_at_high_index
+    from services.preprocess.geometry import apex_at_high_index
     from training.nnunet.convert import acdc_h5_cases
 
     affine = np.diag([1.5625, 1.5625, -10.0, 1.0])

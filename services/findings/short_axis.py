@@ -14,16 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from services.preprocess.geometry import voxel_to_ras
+from services.preprocess.geometry import apex_at_high_index, voxel_to_ras
 
 LV_CAVITY, LV_MYO, RV_CAVITY = 1, 2, 3
-
-# Nominal LV long axis from base to apex in RAS+: the apex points left (-x), anterior (+y) and
-# inferior (-z). Short-axis planning keeps the slice normal within ~45 deg of this axis (either
-# sign), so the sign of the dot product tells which end of the stack is the apex.
-APEX_DIRECTION_RAS = np.array([-1.0, 1.0, -1.0]) / np.sqrt(3.0)
-# Below this |cos| the slice normal is too oblique to trust anatomy; fall back to LV size.
-MIN_APEX_COS = 0.3
 
 
 class EmptyMask(ValueError):
@@ -66,24 +59,6 @@ def slices_with(labels3d: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(present)
 
 
-def apex_at_high_index(affine: np.ndarray, labels3d: np.ndarray | None = None) -> tuple[bool, dict[str, Any]]:
-    """Does the slice index grow towards the apex?
-
-    Primary rule: the slice normal (affine column 2, RAS+) against the nominal base->apex axis.
-    Fallback for very oblique stacks: the LV (cavity + myocardium) area shrinks towards the apex.
-    """
-    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
-    cos = float(normal @ APEX_DIRECTION_RAS)
-    if abs(cos) >= MIN_APEX_COS or labels3d is None:
-        return cos > 0, {"apex_rule": "slice_normal", "normal_cos_apex": round(cos, 4)}
-    area = np.isin(labels3d, [LV_CAVITY, LV_MYO]).sum(axis=(0, 1)).astype(float)
-    idx = np.flatnonzero(area)
-    if len(idx) < 2:
-        return cos > 0, {"apex_rule": "slice_normal", "normal_cos_apex": round(cos, 4)}
-    slope = float(np.polyfit(idx, area[idx], 1)[0])
-    return slope < 0, {"apex_rule": "lv_area_trend", "normal_cos_apex": round(cos, 4), "area_slope_px": slope}
-
-
 def ordered_slices(
     labels3d: np.ndarray, affine: np.ndarray, labels: Sequence[int], order: str = "apex_to_base"
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -91,7 +66,7 @@ def ordered_slices(
     idx = slices_with(labels3d, labels)
     if len(idx) == 0:
         raise EmptyMask(f"no slice contains labels {list(labels)}: cannot place the heart")
-    apex_high, meta = apex_at_high_index(affine, labels3d)
+    apex_high, meta = apex_at_high_index(affine, np.isin(labels3d, [LV_CAVITY, LV_MYO]))
     apex_first = idx[::-1] if apex_high else idx
     if order == "apex_to_base":
         out = apex_first

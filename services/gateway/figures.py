@@ -89,9 +89,9 @@ def slice_positions_mm(affine_ras: np.ndarray, n_slices: int) -> list[float]:
 
 def base_to_apex(affine_ras: np.ndarray, labels_3d: np.ndarray | None, n_slices: int) -> tuple[list[int], str]:
     """Slice indices base first, and how that was decided (the findings inputs' rule)."""
-    from services.findings.short_axis import apex_at_high_index
+    from services.preprocess.geometry import apex_at_high_index
 
-    apex_high, meta = apex_at_high_index(np.asarray(affine_ras, dtype=float), labels_3d)
+    apex_high, meta = apex_at_high_index(affine_ras, None if labels_3d is None else np.isin(labels_3d, [LV_CAVITY, LV_MYOCARDIUM]))
     order = list(range(n_slices)) if apex_high else list(range(n_slices))[::-1]
     return order, meta["apex_rule"]
 

@@ -120,3 +120,31 @@ def orientation_deviation(iops: Sequence[Sequence[float]], reference: Sequence[f
     """Largest absolute difference of any direction cosine of `iops` from `reference`."""
     diffs = np.abs(np.asarray(iops, dtype=float).reshape(-1, 6) - np.asarray(reference, dtype=float))
     return float(diffs.max()) if diffs.size else 0.0
+
+
+# Nominal LV long axis from base to apex in RAS+: the apex points left (-x), anterior (+y) and
+# inferior (-z). Short-axis planning keeps the slice normal within ~45 deg of this axis (either
+# sign), so the sign of the dot product tells which end of the stack is the apex.
+APEX_DIRECTION_RAS = np.array([-1.0, 1.0, -1.0]) / np.sqrt(3.0)
+# Below this |cos| the slice normal is too oblique to trust anatomy; fall back to LV size.
+MIN_APEX_COS = 0.3
+
+
+def apex_at_high_index(affine: np.ndarray, lv_mask: np.ndarray | None = None) -> tuple[bool, dict]:
+    """Does the slice index (affine column 2) grow towards the apex? The one rule the findings
+    inputs, the report figures and the measuring code's apex check share.
+
+    Primary rule: the slice normal (RAS+) against the nominal base->apex axis. Fallback for very
+    oblique stacks: the LV (cavity + myocardium, ``lv_mask`` (x, y, slice)) shrinks towards the apex.
+    """
+    affine = np.asarray(affine, dtype=float)
+    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    cos = float(normal @ APEX_DIRECTION_RAS)
+    if abs(cos) >= MIN_APEX_COS or lv_mask is None:
+        return cos > 0, {"apex_rule": "slice_normal", "normal_cos_apex": round(cos, 4)}
+    area = np.asarray(lv_mask, dtype=bool).sum(axis=(0, 1)).astype(float)
+    idx = np.flatnonzero(area)
+    if len(idx) < 2:
+        return cos > 0, {"apex_rule": "slice_normal", "normal_cos_apex": round(cos, 4)}
+    slope = float(np.polyfit(idx, area[idx], 1)[0])
+    return slope < 0, {"apex_rule": "lv_area_trend", "normal_cos_apex": round(cos, 4), "area_slope_px": slope}

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from services.preprocess.geometry import apex_at_high_index
+
 LV_CAVITY, LV_MYOCARDIUM, RV_CAVITY = 1, 2, 3
 CLASS_NAMES = {LV_CAVITY: "LV cavity", LV_MYOCARDIUM: "LV myocardium", RV_CAVITY: "RV cavity"}
 MYOCARDIAL_DENSITY_G_PER_ML = 1.05
@@ -66,11 +68,9 @@ def _es_excess_by_slice(labels: np.ndarray, cls: int, ed_phase: int, es_phase: i
 
 def _apex_not_covered(ed_labels: np.ndarray, affine, acquired: np.ndarray, ventricles) -> list[dict[str, Any]]:
     """A flag per ventricle still large on the stack's most apical acquired slice at ED."""
-    from services.findings.short_axis import apex_at_high_index
-
     if acquired.size < 2:
         return []
-    apex_high, rule = apex_at_high_index(np.asarray(affine, dtype=float), ed_labels)
+    apex_high, rule = apex_at_high_index(affine, np.isin(ed_labels, [LV_CAVITY, LV_MYOCARDIUM]))
     apical = int(acquired[-1] if apex_high else acquired[0])
     flags = []
     for prefix, cls in ventricles:
