@@ -175,7 +175,7 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
 
 
 def choose_postprocessing(version_dir: str | Path, staged_dataset: str | Path, cases: list[str],
-                          use_mirroring: bool = False) -> dict:
+                          use_mirroring: bool = False, mirroring_axes: tuple[int, ...] | None = None) -> dict:
     """nnU-Net-style choice on validation cases: for each class, keep only its largest 3D connected
     component if that raises the class's mean Dice (nnU-Net's determine_postprocessing keeps it when
     it does not hurt; here it must help, so that a tie keeps the labels as predicted)."""
@@ -187,7 +187,7 @@ def choose_postprocessing(version_dir: str | Path, staged_dataset: str | Path, c
     dataset = json.loads((staged_dataset / "dataset.json").read_text())
     ending = dataset.get("file_ending", ".nii.gz")
     segmenter = load_segmenter(version_dir.parent, backend="onnxruntime", version=int(version_dir.name),
-                               use_mirroring=use_mirroring)
+                               use_mirroring=use_mirroring, mirroring_axes=mirroring_axes)
     segmenter.largest_component = ()  # raw predictions; the variants are applied below
     raw = {}
     try:
@@ -197,7 +197,9 @@ def choose_postprocessing(version_dir: str | Path, staged_dataset: str | Path, c
             raw[case] = (segmenter.segment_volume(np.asanyarray(image.dataobj).astype(np.float32), image.affine), ref)
     finally:
         segmenter.close()
-    result = {"cases": len(cases), "use_mirroring": use_mirroring, "mean_dice": {}, "largest_component": []}
+    result = {"cases": len(cases), "use_mirroring": use_mirroring,
+              "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if use_mirroring else [],
+              "mean_dice": {}, "largest_component": []}
     for value, name in CLASS_NAMES.items():
         before = [dice(p == value, r == value) for p, r in raw.values()]
         after = [dice(postprocess(p, (value,)) == value, r == value) for p, r in raw.values()]
