@@ -187,4 +187,6 @@ def test_postprocess_within_the_bounding_box_equals_nnunets_on_the_whole_volume(
     for value in (1, 2, 3):
         expected = remove_all_but_largest_component_from_segmentation(expected, value, background_label=0)
     assert (expected != labels).any()  # islands were removed, so the comparison means something
-    np.testing.assert_array_equal(postprocess(labels.copy(), (1, 2, 3)), expected)
+    before = labels.copy()
+    np.testing.assert_array_equal(postprocess(labels, (1, 2, 3)), expected)
+    np.testing.assert_array_equal(labels, before)  # the input is left as it was

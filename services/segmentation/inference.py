@@ -237,6 +237,7 @@ def postprocess(labels_3d: np.ndarray, largest_component: tuple[int, ...]) -> np
         return labels_3d
     from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
+    labels_3d = labels_3d.copy()  # the caller's labels stay as they are, as with nnU-Net's function
     for value in largest_component:  # one label at a time: a list would be treated as one union mask
         mask = labels_3d == value
         if not mask.any():
