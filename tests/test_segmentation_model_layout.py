@@ -144,7 +144,7 @@ def test_mirroring_on_one_axis_is_nnunets_predictor_mirroring_on_that_axis(model
 
     image, _, affine = unseen_cine(n_phases=1)
     ours = load_segmenter(tmp_path / "repo")
-    assert ours.predictor.use_mirroring and tuple(ours.predictor.allowed_mirroring_axes) == (1,)
+    assert ours.mirroring_axes == [1]
     labels = ours.segment_volume(image[..., 0], affine)
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False, perform_everything_on_device=False)
     predictor.initialize_from_trained_model_folder(str(model.results_folder), use_folds=(FOLD,))
@@ -155,7 +155,7 @@ def test_mirroring_on_one_axis_is_nnunets_predictor_mirroring_on_that_axis(model
     assert set(np.unique(reference)) >= {1, 3}
     assert np.mean(labels == reference) >= 0.999
     both = load_segmenter(tmp_path / "repo", mirroring_axes=(0, 1))
-    assert tuple(both.predictor.allowed_mirroring_axes) == (0, 1)
+    assert both.mirroring_axes == [0, 1] and load_segmenter(tmp_path / "repo", use_mirroring=False).mirroring_axes == []
     with pytest.raises(ValueError, match="subset"):
         load_segmenter(tmp_path / "repo", mirroring_axes=(2,))
 

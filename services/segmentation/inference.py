@@ -186,6 +186,12 @@ class Segmenter:
         # scipy/skimage code releases the GIL, and each phase is independent.
         self.workers = max(1, workers or len(os.sched_getaffinity(0)))
 
+    @property
+    def mirroring_axes(self) -> list[int]:
+        """The patch axes test-time mirroring flips ([] when it is off)."""
+        p = self.predictor
+        return [int(a) for a in p.allowed_mirroring_axes or ()] if p.use_mirroring else []
+
     def segment_volume(self, image_3d: np.ndarray, affine) -> np.ndarray:
         return self.segment_cine(np.asarray(image_3d)[..., None], affine)[..., 0]
 

@@ -153,9 +153,8 @@ def evaluate_exported(version_dir: str | Path, staged_dataset: str | Path, fold_
         "note": note or (("fold 'all': the validation cases are the training cases; these numbers only show that the "
                           "pipeline works, not how the model generalises") if fold == "all" else
                          "validation cases of this fold (not seen in training)"),
-        "use_mirroring": segmenter.predictor.use_mirroring and bool(segmenter.predictor.allowed_mirroring_axes),
-        "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if segmenter.predictor.use_mirroring
-        else [],
+        "use_mirroring": bool(segmenter.mirroring_axes),
+        "mirroring_axes": segmenter.mirroring_axes,
         "largest_component": list(segmenter.largest_component),
         "seconds": round(seconds, 1),
         "backend": "onnxruntime (the exported model.onnx with nnU-Net pre/post-processing, as served)",
@@ -197,8 +196,7 @@ def choose_postprocessing(version_dir: str | Path, staged_dataset: str | Path, c
             raw[case] = (segmenter.segment_volume(np.asanyarray(image.dataobj).astype(np.float32), image.affine), ref)
     finally:
         segmenter.close()
-    result = {"cases": len(cases), "use_mirroring": use_mirroring,
-              "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if use_mirroring else [],
+    result = {"cases": len(cases), "use_mirroring": use_mirroring, "mirroring_axes": segmenter.mirroring_axes,
               "mean_dice": {}, "largest_component": []}
     for value, name in CLASS_NAMES.items():
         before = [dice(p == value, r == value) for p, r in raw.values()]
@@ -243,8 +241,7 @@ def evaluate_sunnybrook(model_dir: str | Path, sunnybrook_root: str | Path, use_
     labels = segmenter.segment_cine(case.study.image, case.study.affine)
     result = {"study": study_id, "case": case_id, "seconds_per_cine": round(time.perf_counter() - start, 2),
               "shape": list(case.study.image.shape), "mirroring": segmenter.predictor.use_mirroring,
-              "mirroring_axes": list(segmenter.predictor.allowed_mirroring_axes or []) if segmenter.predictor.use_mirroring
-              else [],
+              "mirroring_axes": segmenter.mirroring_axes,
               "ed_phase": case.ed_phase, "es_phase": case.es_phase}
     for phase, frame in (("ed", case.ed_phase), ("es", case.es_phase)):
         drawn = case.contoured_slices[phase]
