@@ -116,6 +116,8 @@ class StudyServiceServicer(object):
     def WatchStudy(self, request, context):
         """Progress events of a study: first every event so far, then new ones as they happen; the
         stream ends after the study's final event (completed, partial, failed or cancelled).
+        RESOURCE_EXHAUSTED when the gateway already serves its most streams at once (three quarters
+        of CMRVL_GRPC_WORKERS): watch again later, or poll GetStudy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
