@@ -91,7 +91,8 @@ def base_to_apex(affine_ras: np.ndarray, labels_3d: np.ndarray | None, n_slices:
     """Slice indices base first, and how that was decided (the findings inputs' rule)."""
     from services.preprocess.geometry import apex_at_high_index
 
-    apex_high, meta = apex_at_high_index(affine_ras, None if labels_3d is None else np.isin(labels_3d, [LV_CAVITY, LV_MYOCARDIUM]))
+    lv_mask = None if labels_3d is None else np.isin(labels_3d, [LV_CAVITY, LV_MYOCARDIUM])
+    apex_high, meta = apex_at_high_index(affine_ras, lv_mask)
     order = list(range(n_slices)) if apex_high else list(range(n_slices))[::-1]
     return order, meta["apex_rule"]
 

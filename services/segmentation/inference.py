@@ -34,8 +34,8 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from services.segmentation.backends import (Backend, BackendTimeout, BackendUnavailable, FallbackBackend,
                                             InvalidInput, OnnxRuntimeBackend, SegmentationError, TritonBackend)
-from services.segmentation.model_layout import (MODEL_NAME, label_lut, latest_version, read_layout,
-                                                resolve_model_dir)
+from services.segmentation.model_layout import (MODEL_NAME, checked_mirroring_axes, label_lut, latest_version,
+                                                read_layout, resolve_model_dir)
 
 __all__ = ["Segmenter", "BackendPredictor", "load_segmenter", "labels_nifti", "SegmentationError", "BackendUnavailable",
            "BackendTimeout", "InvalidInput"]
@@ -73,10 +73,7 @@ class BackendPredictor(nnUNetPredictor):
         mirror = info.get("inference_allowed_mirroring_axes")
         chosen = mirroring_axes if mirroring_axes is not None else info.get("mirroring_axes")
         if chosen is not None and mirror is not None:
-            if not chosen or not set(chosen) <= set(mirror):
-                raise ValueError(f"mirroring axes {list(chosen)} are not a non-empty subset of the checkpoint's "
-                                 f"allowed axes {list(mirror)}")
-            mirror = sorted(int(a) for a in chosen)
+            mirror = checked_mirroring_axes(chosen, mirror)
         self.manual_initialization(_BackendNetwork(backend), plans_manager,
                                    plans_manager.get_configuration(info["configuration"]), [{}],
                                    layout["dataset"], info["source"].get("trainer_name") or "nnUNetTrainer",

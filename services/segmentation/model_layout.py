@@ -235,6 +235,14 @@ def export_model(nnunet_results_folder: str | Path, out_layout_dir: str | Path,
     return inference
 
 
+def checked_mirroring_axes(axes, allowed) -> list[int]:
+    """``axes`` sorted, if they are a non-empty subset of the checkpoint's allowed mirroring axes."""
+    if not axes or not set(axes) <= set(allowed):
+        raise LayoutError(f"mirroring axes {list(axes)} are not a non-empty subset of the checkpoint's allowed axes "
+                          f"{list(allowed)}")
+    return sorted(int(a) for a in axes)
+
+
 def record_inference_choices(version_dir: str | Path, *, use_mirroring: bool, largest_component: list[int],
                              evidence: dict | None = None, mirroring_axes: list[int] | None = None) -> dict[str, Any]:
     """Write what validation chose into the version's inference.json: test-time mirroring on or off
@@ -246,15 +254,14 @@ def record_inference_choices(version_dir: str | Path, *, use_mirroring: bool, la
     unknown = sorted(set(map(int, largest_component)) - (set(CMRVL_LABELS) - {0}))
     if unknown:
         raise LayoutError(f"largest_component labels {unknown} are not CMR-VL foreground labels")
-    allowed = info.get("inference_allowed_mirroring_axes") or []
-    if mirroring_axes is not None and (not use_mirroring or not set(mirroring_axes) <= set(allowed)
-                                       or not mirroring_axes):
-        raise LayoutError(f"mirroring_axes {mirroring_axes} must be a non-empty subset of the checkpoint's allowed "
-                          f"axes {allowed}, with mirroring on")
+    if mirroring_axes is not None:
+        if not use_mirroring:
+            raise LayoutError(f"mirroring_axes {mirroring_axes} are recorded only with mirroring on")
+        mirroring_axes = checked_mirroring_axes(mirroring_axes, info.get("inference_allowed_mirroring_axes") or [])
     info["use_mirroring"] = bool(use_mirroring)
     info.pop("mirroring_axes", None)
     if mirroring_axes is not None:
-        info["mirroring_axes"] = sorted(int(a) for a in mirroring_axes)
+        info["mirroring_axes"] = mirroring_axes
     info["postprocessing"] = {"largest_component": sorted(int(v) for v in largest_component)}
     if evidence is not None:
         info["choices_evidence"] = evidence
