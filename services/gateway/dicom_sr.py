@@ -67,6 +67,7 @@ from pydicom.dataset import Dataset
 from services.preprocess.reader import quiet_pydicom
 from services.segmentation.dicom_seg import (MANUFACTURER, _repaired, copy_study_attributes, derived_uid,
                                              device_uid, lo, read_source_headers, segment_codes)
+from services.segmentation.function import flags_doubting
 
 SR_SERIES_NUMBER = 9002
 
@@ -196,7 +197,9 @@ def build_sr(
     model = (report.get("models") or {}).get("segmentation") or measurements.get("model") or {}
     name, version = str(model.get("name") or "unknown"), str(model.get("version") or "0")
     values = {key: float(measurements[key]) for key in SR_KEYS if measurements.get(key) is not None}
-    doubted_by = _doubting_flags(report.get("quality") or [])  # the report's, or a bare measurements dict's
+    # The flags are the report's, or a bare measurements dict's.
+    doubted_by = {key: [str(f["code"]) for f in flags]
+                  for key, flags in flags_doubting(report.get("quality") or []).items()}
     phases = {"ed": measurements.get("ed_phase"), "es": measurements.get("es_phase")}
     if not segs:
         raise ValueError("no SEG given: the SR's measurement groups reference SEG segments")
@@ -285,15 +288,6 @@ def build_sr(
         scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
         sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
-
-
-def _doubting_flags(quality: Sequence[Mapping]) -> dict[str, list[str]]:
-    """{report key: codes of the flags that leave it measured but doubtful}."""
-    out: dict[str, list[str]] = {}
-    for flag in quality:
-        for key in flag.get("doubts", []):
-            out.setdefault(key, []).append(str(flag["code"]))
-    return out
 
 
 def _flag_code(code: str):

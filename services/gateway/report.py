@@ -48,16 +48,16 @@ def unit_of(key: str) -> str:
 
 
 def measurement_details(measurements: dict, sex: str | None) -> dict:
-    from services.segmentation.function import classify, normal_range
+    from services.segmentation.function import classify, flags_doubting, normal_range
 
     # The segmentation's flags name the values they leave null ("keys"): that is the reason; and
     # those they leave measured but doubtful ("doubts"): those are the value's caveats.
-    reasons, caveats = {}, {}
+    reasons = {}
     for flag in measurements.get("quality", []):
         for key in flag.get("keys", []):
             reasons.setdefault(key, {"code": flag["code"], "message": flag["message"]})
-        for key in flag.get("doubts", []):
-            caveats.setdefault(key, []).append({"code": flag["code"], "message": flag["message"]})
+    caveats = {key: [{"code": f["code"], "message": f["message"]} for f in flags]
+               for key, flags in flags_doubting(measurements.get("quality", [])).items()}
     details = {}
     for key in LABELS:
         if key not in measurements:

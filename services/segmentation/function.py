@@ -129,6 +129,16 @@ def _flag(code: str, message: str, keys=None, doubts=None, **extra) -> dict[str,
     return flag
 
 
+def flags_doubting(quality) -> dict[str, list[dict[str, Any]]]:
+    """{measurement key: the quality flags that leave it measured but doubtful (their "doubts")},
+    in the flags' order: what the report's text, PDF and SR mark next to the value."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for flag in quality:
+        for key in flag.get("doubts", []):
+            out.setdefault(key, []).append(flag)
+    return out
+
+
 def _ventricle_values(prefix: str, needs=NEEDS_ED + NEEDS_ES) -> list[str]:
     """The values of one ventricle ("lv"/"rv") among ``needs``, LV mass left out."""
     return [k for k in dict.fromkeys(needs) if k.startswith(prefix) and k != "lv_mass_g"]
